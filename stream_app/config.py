@@ -1,0 +1,60 @@
+"""All runtime settings in one class: env vars (STREAMREC_*), CLI overrides and the
+README's configuration reference are generated from it, so they cannot drift."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="ignore")
+
+    # --- Kafka ---------------------------------------------------------------
+    bootstrap_servers: str = Field(
+        "", description="Kafka bootstrap servers (host:port,...). Empty: start the embedded Tansu broker."
+    )
+    app_id: str = Field("streamrec", description="Faust app id = Kafka consumer group and changelog prefix.")
+    partitions: int = Field(4, ge=1, le=256, description="Partitions of every topic the app creates.")
+    replication_factor: int = Field(1, ge=1, description="Replication factor for topics the app creates.")
+    events_topic: str = Field("clickstream.events", description="Input topic (key=user_id, JSON events).")
+    dlq_topic: str = Field("clickstream.dlq", description="Dead-letter topic: original bytes + reason headers.")
+    recommendations_topic: str = Field("recommendations", description="Output topic (key=user_id, JSON).")
+    broker_session_timeout_s: float = Field(10.0, description="Consumer session timeout (Tansu needs it short).")
+    broker_heartbeat_interval_s: float = Field(2.0, description="Consumer heartbeat interval.")
+    broker_max_poll_interval_s: float = Field(
+        10.0, description="Max poll interval; Tansu completes a JoinGroup only after it."
+    )
+    broker_connect_timeout_s: float = Field(
+        30.0, description="How long to retry reaching the broker at start before exiting with an error."
+    )
+
+    # --- State ----------------------------------------------------------------
+    state_dir: Path = Field(Path("var/state"), description="RocksDB table directory (one per worker).")
+    history_max: int = Field(200, ge=1, le=10_000, description="Events kept per user (raw history).")
+    dedupe_window: int = Field(
+        256, ge=1, le=100_000, description="Recent event ids kept per user for redelivery dedupe."
+    )
+
+    # --- Processing ---------------------------------------------------------
+    batch_max: int = Field(500, ge=1, description="Max events per micro-batch.")
+    batch_wait_ms: float = Field(20.0, ge=0, description="Max wait to fill a micro-batch, in ms.")
+    top_k: int = Field(10, ge=1, le=1000, description="Recommendations per user.")
+    max_event_bytes: int = Field(16_384, ge=256, description="Larger input messages go to the DLQ.")
+    dlq_payload_cap: int = Field(
+        65_536, ge=0, description="Bytes of the original payload kept in a DLQ record (rest truncated)."
+    )
+
+    # --- Serving / observability ---------------------------------------------
+    web_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz, lookups.")
+    web_port: int = Field(6066, ge=0, le=65535, description="HTTP port of /metrics etc. (0 = pick free).")
+    log_level: str = Field("info", description="Worker log level.")
+
+    @property
+    def embedded(self) -> bool:
+        return not self.bootstrap_servers.strip()
+
+    def source_topics(self) -> list[str]:
+        """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""
+        return [self.events_topic, self.dlq_topic, self.recommendations_topic]
