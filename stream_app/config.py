@@ -58,3 +58,29 @@ class Settings(BaseSettings):
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""
         return [self.events_topic, self.dlq_topic, self.recommendations_topic]
+
+
+def add_settings_arguments(parser, only: list[str] | None = None) -> None:
+    """One --flag per setting (env STREAMREC_<NAME> is the default), so CLI and env agree."""
+    group = parser.add_argument_group("settings (each also readable from STREAMREC_<NAME>)")
+    for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None,
+                           metavar=name.upper(), help=field.description)
+
+
+def settings_from_args(args) -> Settings:
+    """Env vars, overridden by any --flag given; validation errors become one-line UserErrors."""
+    from pydantic import ValidationError
+
+    from stream_app.errors import UserError
+
+    overrides = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        raise UserError(f"invalid setting {name} ({err['msg']}); fix --{name.replace('_', '-')} "
+                        f"or STREAMREC_{name.upper()}") from None

@@ -1,0 +1,100 @@
+"""The Faust app: the data flow of DESIGN.md, top to bottom.
+
+  clickstream.events --take_events(B, T)--> BatchProcessor
+      bad     --> clickstream.dlq (original bytes, reason headers)
+      mis-keyed --> clickstream.events again, keyed by user_id
+      good    --> users table (one coalesced write per user per batch, RocksDB + changelog)
+              --> recommendations (one record per touched user)
+  /metrics, /healthz, /readyz on the worker's web server.
+
+Topics use the raw codec and tables JSON: Faust's pickle codec is never used
+(DESIGN.md invariant 4), and malformed bytes reach our validation, not Faust's.
+"""
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from stream_app import metrics
+from stream_app.config import Settings
+from stream_app.processor import BatchProcessor, Message, encode_record
+from stream_app.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+
+
+def faust_settings(settings: Settings) -> dict:
+    """Faust/aiokafka knobs; timeouts short because Tansu joins a group only after them."""
+    return dict(
+        broker=[f"kafka://{h.strip()}" for h in settings.bootstrap_servers.split(",") if h.strip()],
+        store="rocksdb://",
+        datadir=str(settings.state_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_disable_leader=True,
+        key_serializer="json",
+        value_serializer="json",
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_max_poll_interval=settings.broker_max_poll_interval_s,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        table_standby_replicas=0,
+    )
+
+
+def create_app(settings: Settings, recommender: Recommender) -> faust.App:
+    app = faust.App(settings.app_id, **faust_settings(settings))
+    events_topic = app.topic(settings.events_topic, **RAW)
+    dlq_topic = app.topic(settings.dlq_topic, **RAW)
+    recs_topic = app.topic(settings.recommendations_topic, **RAW)
+    users = app.Table("users", default=None, partitions=settings.partitions)
+    processor = BatchProcessor(settings, recommender)
+    cap = settings.dlq_payload_cap
+
+    @app.agent(events_topic)
+    async def process(stream: faust.StreamT) -> None:
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+            msgs = [Message(e.message.key, e.message.value, e.message.timestamp) for e in batch]
+            out = processor.process(msgs, users.get)
+            for dead in out.dead:
+                raw = msgs[dead.index].value or b""
+                await dlq_topic.send(key=msgs[dead.index].key, value=raw[:cap], headers=[
+                    ("streamrec-reason", dead.reason.encode()),
+                    ("streamrec-detail", dead.detail.encode()),
+                    ("streamrec-truncated", b"1" if len(raw) > cap else b"0"),
+                ])
+            for index, user_id in out.rekeyed:
+                await events_topic.send(key=user_id.encode(), value=msgs[index].value)
+            for user_id, (index, value) in out.writes.items():
+                # the table derives the changelog partition from the current event
+                stream._set_current_event(batch[index])
+                users[user_id] = value
+            for user_id, record in out.recommendations:
+                await recs_topic.send(key=user_id.encode(), value=encode_record(record))
+
+    @app.timer(5.0)
+    async def count_users() -> None:
+        metrics.USERS.set(len(users))
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        # aiohttp rejects the charset in CONTENT_TYPE_LATEST; Prometheus accepts text/plain
+        return web.bytes(metrics.render(), content_type="text/plain")
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        ready = not app.rebalancing and bool(app.consumer.assignment())
+        return web.json({"ready": ready}, status=200 if ready else 503)
+
+    return app

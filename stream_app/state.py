@@ -1,0 +1,73 @@
+"""Per-user state: the raw behaviour history and recent event ids (DESIGN.md invariant 2).
+
+The value is rewritten to the changelog on every change, so it is kept compact: events
+are short lists, not dicts, and event ids are stored as 8-byte hashes. Item ids stay
+strings rather than model vocabulary indices because the vocabulary belongs to a model
+version, and a model swap must never invalidate state.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from stream_app.events import EVENT_TYPES, Event
+
+TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
+FORMAT = 1
+
+
+def event_key(event_id: str) -> str:
+    """64-bit hash of an event id: collisions among a user's recent ids are ~2^-50."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(slots=True)
+class UserState:
+    # each entry: [item_id or "", type code, ts (ms precision), query or ""]
+    history: list[list] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> "UserState":
+        if not value:
+            return cls()
+        return cls(history=list(value.get("h", [])), seen=list(value.get("ids", [])))
+
+    def to_json(self) -> dict:
+        return {"v": FORMAT, "h": self.history, "ids": self.seen}
+
+    def apply(self, events: Iterable[Event], history_max: int, dedupe_window: int) -> tuple[list[Event], int]:
+        """Append events not seen before; return (accepted, duplicates).
+
+        Redelivery after a crash replays events whose effect may already be in the
+        changelog; the event-id window makes that a no-op (invariant 3)."""
+        accepted: list[Event] = []
+        duplicates = 0
+        seen = set(self.seen)
+        for ev in events:
+            key = event_key(ev.event_id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            self.seen.append(key)
+            self.history.append([ev.item_id or "", TYPE_CODE[ev.type], round(ev.ts, 3), ev.query or ""])
+            accepted.append(ev)
+        if len(self.history) > history_max:
+            del self.history[: len(self.history) - history_max]
+        if len(self.seen) > dedupe_window:
+            del self.seen[: len(self.seen) - dedupe_window]
+        return accepted, duplicates
+
+    def items(self) -> list[str]:
+        """Item ids of non-search events, oldest first."""
+        return [e[0] for e in self.history if e[0]]
+
+    def purchased(self) -> set[str]:
+        code = TYPE_CODE["purchase"]
+        return {e[0] for e in self.history if e[1] == code}
+
+
+def history_items(history: Sequence[Sequence]) -> list[str]:
+    return [e[0] for e in history if e[0]]

@@ -1,0 +1,51 @@
+"""Run the stream processor: consume events, keep per-user state, publish recommendations.
+
+With no bootstrap servers configured the worker starts an embedded broker for its own
+lifetime (and stops it on exit); with servers configured it never starts one."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from stream_app.config import Settings, add_settings_arguments, settings_from_args
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  streamrec worker                                   # embedded broker, metrics on 127.0.0.1:6066
+  STREAMREC_BOOTSTRAP_SERVERS=kafka:9092 streamrec worker --web-port 6067
+  streamrec worker --partitions 8 --state-dir /var/lib/streamrec
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+
+
+def build_recommender(settings: Settings):
+    from stream_app.recommender import CoOccurrenceRecommender
+    return CoOccurrenceRecommender()
+
+
+def run_worker(settings: Settings) -> int:
+    """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards."""
+    from faust import Worker
+
+    from stream_app.app import create_app
+    from stream_app.broker import kafka_for
+
+    with kafka_for(settings) as ready:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        app = create_app(ready, build_recommender(ready))
+        print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
+              f"http://{ready.web_host}:{ready.web_port}/metrics", flush=True)
+        worker = Worker(app, loglevel=ready.log_level, quiet=True)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_worker(settings_from_args(args))
