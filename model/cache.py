@@ -1,0 +1,155 @@
+"""Serving-side state: a slot-based KV-cache pool and top-K scoring.
+
+The stream processor owns the user -> slot LRU map and the memory budget (it sizes the
+pool with `bytes_per_slot()`); this module only does tensor work on whole batches of
+slots, so the hot path has no per-user Python loop beyond building index lists.
+
+Layout per layer: K and V as [n_slots, heads, W, head_dim] ring buffers. Event number n
+(0-based since the slot's last rebuild) lives at ring position n % W; a key's distance
+from the newest query is (write_pos - ring_pos) mod W, valid while it is < events seen.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from model.features import ItemIndex, encode
+from model.transformer import SeqRec
+
+
+def pick_device(flag: str | None = None) -> torch.device:
+    """`auto` (or None) -> CUDA when present, else CPU."""
+    if flag in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(flag)
+
+
+class KVCachePool:
+    """Fixed pool of per-user KV caches. Runs `model` on the pool's device/dtype (moves it)."""
+
+    def __init__(self, model: SeqRec, n_slots: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        cfg = model.cfg
+        self.cfg, self.n_slots, self.W = cfg, n_slots, cfg.window
+        shape = (n_slots, cfg.n_heads, cfg.window, cfg.dim // cfg.n_heads)
+        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # events since rebuild
+        self.last_ts: list[float | None] = [None] * n_slots
+        self._ring = torch.arange(cfg.window, device=self.device)
+
+    def bytes_per_slot(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.cfg.n_layers * self.cfg.dim * self.W * elem + 8 + 8
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Forget slots (eviction); they must be rebuilt before the next step."""
+        self.length[slots.to(self.device)] = 0
+        for s in slots.tolist():
+            self.last_ts[s] = None
+
+    @torch.no_grad()
+    def rebuild(self, slots: torch.Tensor, histories: Sequence[Sequence[Any]]) -> torch.Tensor:
+        """Fill slots from stored raw histories (any lengths, one batched forward) -> [B, D].
+
+        Only the last receptive_field events are run; that is exact (see transformer.py).
+        """
+        slots = slots.to(self.device)
+        R, W = self.cfg.receptive_field, self.W
+        b = encode(histories, self.model.items, R).to(self.device)
+        h, kvs = self.model(b, return_kv=True)
+        B, T = b.valid.shape
+        n = b.valid.sum(1)                                     # events actually run, <= R
+        j = (n - 1)[:, None] - ((n - 1)[:, None] - self._ring[None]) % W   # event held by ring slot r
+        col = (T - n)[:, None] + j.clamp(min=0)                 # its column in the left-padded batch
+        for layer, (k, v) in enumerate(kvs):
+            idx = col[:, None, :, None].expand(B, k.shape[1], W, k.shape[3])
+            self.k[layer][slots] = k.gather(2, idx).to(self.dtype)
+            self.v[layer][slots] = v.gather(2, idx).to(self.dtype)
+        self.length[slots] = n
+        for s, hist in zip(slots.tolist(), histories):
+            self.last_ts[s] = _ts(hist[-1]) if len(hist) else None
+        return torch.where((n > 0)[:, None], h[:, -1], torch.zeros_like(h[:, -1]))
+
+    @torch.no_grad()
+    def step(self, slots: torch.Tensor, new_events: Sequence[Any]) -> torch.Tensor:
+        """Append one event to each (distinct) slot and return the new user vectors [B, D]."""
+        slots = slots.to(self.device)
+        if len(set(slots.tolist())) != len(slots):
+            raise ValueError("step(): one new event per slot per call (coalesce or split the batch)")
+        W = self.W
+        prev = [self.last_ts[s] for s in slots.tolist()]
+        b = encode([[e] for e in new_events], self.model.items, 1, prev_ts=prev).to(self.device)
+        length = self.length[slots]
+        pos = length % W                                        # ring position of the new event
+        dist = (pos[:, None] - self._ring[None]) % W            # [B, W]
+        mask = (dist <= length[:, None])[:, None, :]            # [B, 1, W]: entries that exist
+        dist = dist[:, None, :]
+        x = self.model.embed(b)
+        for layer, blk in enumerate(self.model.blocks):
+            kc, vc = self.k[layer], self.v[layer]
+
+            def hook(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc):
+                kc[slots, :, pos] = k[:, :, 0]
+                vc[slots, :, pos] = v[:, :, 0]
+                return kc[slots], vc[slots]
+
+            x, _, _ = blk(x, mask, dist, hook)
+        self.length[slots] = length + 1
+        for s, e in zip(slots.tolist(), new_events):
+            self.last_ts[s] = _ts(e)
+        return self.model.ln_f(x)[:, 0]
+
+
+def _ts(e: Any) -> float:
+    from model.features import RawEvent
+    return RawEvent.coerce(e).ts
+
+
+def topk(user_vectors: torch.Tensor, item_matrix: torch.Tensor, k: int,
+         exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k item indices by dot product; row 0 (OOV) and each user's `exclude` never returned."""
+    scores = user_vectors.to(item_matrix.dtype) @ item_matrix.T
+    scores[:, 0] = float("-inf")
+    if exclude:
+        rows = [b for b, ex in enumerate(exclude) for _ in ex]
+        cols = [i for ex in exclude for i in ex]
+        if rows:
+            scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
+    k = min(k, scores.shape[1] - 1)
+    return torch.topk(scores, k, dim=1)
+
+
+class ItemScorer:
+    """Caches the item matrix; recomputes it when the ItemIndex grows or content changes, so
+    catalog upserts are recommendable without retraining or restart."""
+
+    def __init__(self, model: SeqRec, dtype: torch.dtype | None = None) -> None:
+        self.model, self.dtype = model, dtype
+        self._src: Any = None
+        self._matrix: torch.Tensor | None = None
+
+    @property
+    def items(self) -> ItemIndex:
+        return self.model.items
+
+    @torch.no_grad()
+    def matrix(self) -> torch.Tensor:
+        src = self.items.tensors()[0]
+        if self._matrix is None or self._src is not src:
+            m = self.model.item_matrix()
+            self._matrix = m.to(self.dtype) if self.dtype is not None else m
+            self._src = src
+        return self._matrix
+
+    def topk(self, user_vectors: torch.Tensor, k: int,
+             exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk(user_vectors, self.matrix(), k, exclude)
+
+    def item_ids(self, indices: torch.Tensor) -> list[list[str]]:
+        ids = self.items.ids
+        return [[ids[i] for i in row] for row in indices.tolist()]

@@ -1,0 +1,48 @@
+"""Model hyper-parameters, saved verbatim in every checkpoint's JSON.
+
+Everything that changes the function the network computes lives here, so a checkpoint
+directory alone is enough to rebuild the exact model (DESIGN invariant 4: no pickle).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_items: int = 0                 # trained item vocabulary (id-embedding rows = n_items + 1; row 0 = OOV)
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    window: int = 50                 # W: band-attention width, identical in training and serving
+    mlp_mult: int = 4
+    dropout: float = 0.3
+    content_buckets: int = 1 << 16   # hashed title/category tokens
+    query_buckets: int = 1 << 15     # hashed character n-grams of search queries
+    gap_buckets: int = 32            # bucket 0 = unknown gap; 1 + floor(log2(1 + seconds)) otherwise
+    max_content_tokens: int = 16
+    max_query_ngrams: int = 48
+    ngram: int = 3
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if self.window < 1 or self.n_layers < 1:
+            raise ValueError("window and n_layers must be >= 1")
+
+    @property
+    def receptive_field(self) -> int:
+        """Events that can influence the newest output: each band layer looks W-1 steps back.
+
+        A rebuild from this many events (plus one older event for its time gap) is exact.
+        """
+        return self.n_layers * (self.window - 1) + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
