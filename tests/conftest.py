@@ -1,0 +1,47 @@
+"""Shared fixtures for integration tests: one real embedded broker per session, and
+workers as real subprocesses, each with its own consumer group, topics and state dir."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from stream_app.broker import EmbeddedBroker, ensure_topics, free_port
+from stream_app.config import Settings
+from stream_app.harness import WorkerProcess
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def make_settings(broker, tmp_path):
+    """Settings for an isolated pipeline on the shared broker (unique app id and topics)."""
+    def make(**overrides) -> Settings:
+        n = next(_ids)
+        base = dict(bootstrap_servers=broker.bootstrap, app_id=f"t{n}", events_topic=f"t{n}.events",
+                    dlq_topic=f"t{n}.dlq", recommendations_topic=f"t{n}.recs", partitions=2,
+                    state_dir=tmp_path / f"state{n}", web_port=free_port(), batch_wait_ms=20)
+        settings = Settings(**{**base, **overrides})
+        ensure_topics(settings)
+        return settings
+    return make
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    workers: list[WorkerProcess] = []
+
+    def start(settings: Settings, name: str = "worker") -> WorkerProcess:
+        w = WorkerProcess(settings, tmp_path / f"{name}.log").start()
+        workers.append(w)
+        return w.wait_ready()
+
+    yield start
+    for w in workers:
+        w.stop()
