@@ -23,6 +23,7 @@ from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.processor import BatchProcessor, Message, encode_record
 from stream_app.recommender import Recommender
+from stream_app.transport import App
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def faust_settings(settings: Settings) -> dict:
 
 
 def create_app(settings: Settings, recommender: Recommender) -> faust.App:
-    app = faust.App(settings.app_id, **faust_settings(settings))
+    app = App(settings.app_id, **faust_settings(settings))
+    app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     events_topic = app.topic(settings.events_topic, **RAW)
     dlq_topic = app.topic(settings.dlq_topic, **RAW)
     recs_topic = app.topic(settings.recommendations_topic, **RAW)

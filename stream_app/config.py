@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     broker_max_poll_interval_s: float = Field(
         10.0, description="Max poll interval; Tansu completes a JoinGroup only after it."
     )
+    fetch_max_wait_ms: int = Field(
+        50, ge=1, le=10_000, description="Consumer fetch wait; Tansu replies only when it expires, so it bounds latency."
+    )
     broker_connect_timeout_s: float = Field(
         30.0, description="How long to retry reaching the broker at start before exiting with an error."
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 
@@ -29,13 +30,17 @@ def build_recommender(settings: Settings):
 
 def run_worker(settings: Settings) -> int:
     """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards."""
+    import tempfile
+
     from faust import Worker
 
     from stream_app.app import create_app
     from stream_app.broker import kafka_for
 
-    with kafka_for(settings) as ready:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
+        if settings.embedded:  # a memory broker's offsets die with it: never reuse old state
+            ready = ready.model_copy(update={"state_dir": Path(tmp)})
+        ready.state_dir.mkdir(parents=True, exist_ok=True)
         app = create_app(ready, build_recommender(ready))
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
               f"http://{ready.web_host}:{ready.web_port}/metrics", flush=True)

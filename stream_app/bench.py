@@ -1,0 +1,29 @@
+"""Benchmarks. Each prints a table, writes JSON and compares against a baseline measured
+in the same run; README's results tables come from these."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+EXAMPLES = """examples:
+  streamrec bench inference --json inference.json
+"""
+
+# name -> module exposing add_arguments(parser) and run(args)
+BENCHES = {
+    "inference": ("model.bench", "incremental KV-cache step vs full recompute, per event"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (module_name, summary) in BENCHES.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=summary, description=summary, epilog=getattr(module, "EXAMPLES", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_bench_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._bench_run(args)

@@ -1,0 +1,179 @@
+"""The whole product on one machine: embedded broker, a worker process, a synthetic
+producer (with a trickle of malformed messages), and a live terminal view.
+
+The worker runs as a separate process, exactly as in production, and the view reads
+what any subscriber would read: the recommendations topic and the worker's /metrics."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import socket
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from stream_app.config import Settings, add_settings_arguments, settings_from_args
+from stream_app.errors import UserError
+
+EXAMPLES = """examples:
+  streamrec demo                         # until Ctrl-C
+  streamrec demo --duration 60 --json demo.json
+  streamrec demo --rate 1000 --users 5000 --items 20000
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--rate", type=float, default=300, help="synthetic events/s (default: 300)")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bad-rate", type=float, default=0.01, help="share of malformed messages (default: 0.01)")
+    parser.add_argument("--json", type=Path, default=None, help="write the final summary here")
+    add_settings_arguments(parser)
+
+
+class RecWatcher(threading.Thread):
+    """Reads the recommendations topic like any subscriber; keeps what the view shows."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        from stream_app.harness import TopicReader
+        self.reader = TopicReader(bootstrap, topic)
+        self.latest: dict[str, dict] = {}
+        self.latencies: deque[float] = deque(maxlen=200_000)
+        self.count = 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for record in self.reader.poll(200):
+                rec = json.loads(record.value)
+                self.latest.pop(rec["user_id"], None)
+                self.latest[rec["user_id"]] = rec  # dict order = most recently updated last
+                self.latencies.append(rec["latency_ms"])
+                self.count += 1
+        self.reader.close()
+
+    def percentiles(self) -> tuple[float, float]:
+        if not self.latencies:
+            return 0.0, 0.0
+        data = sorted(self.latencies)
+        return data[len(data) // 2], data[min(len(data) - 1, int(len(data) * 0.99))]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise UserError(f"port {host}:{port} is in use (another worker?); pass --web-port N "
+                            "or set STREAMREC_WEB_PORT") from None
+
+
+def _snapshot(worker, watcher: RecWatcher, sent: int, started: float) -> dict:
+    from stream_app.harness import metric_sum
+    try:
+        m = worker.metrics()
+    except OSError:
+        m = {}
+    p50, p99 = watcher.percentiles()
+    elapsed = time.monotonic() - started
+    events = int(metric_sum(m, "streamrec_events_total"))
+    return {"elapsed_s": round(elapsed, 1), "sent": sent, "events": events,
+            "events_per_s": round(events / elapsed, 1) if elapsed else 0.0,
+            "recommendations": watcher.count, "dlq": int(metric_sum(m, "streamrec_invalid_events_total")),
+            "users": int(m.get("streamrec_users_in_state", 0)), "p50_ms": p50, "p99_ms": p99}
+
+
+def _view(snap: dict, watcher: RecWatcher) -> Group:
+    stats = Table(title="streamrec demo", show_header=False, min_width=60)
+    for label, key in [("elapsed (s)", "elapsed_s"), ("events processed", "events"), ("events/s", "events_per_s"),
+                       ("recommendations", "recommendations"), ("DLQ (malformed)", "dlq"),
+                       ("users in state", "users"), ("latency p50 (ms)", "p50_ms"), ("latency p99 (ms)", "p99_ms")]:
+        stats.add_row(label, str(snap[key]))
+    recs = Table(title="latest recommendations", min_width=60)
+    for col in ("user", "newest event", "model", "top items"):
+        recs.add_column(col)
+    for rec in list(watcher.latest.values())[-6:]:
+        items = ", ".join(i["item_id"] for i in rec["items"][:5])
+        recs.add_row(rec["user_id"], rec["event_id"], rec["model_version"], items)
+    return Group(stats, recs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream_app.broker import kafka_for
+    from stream_app.harness import WorkerProcess
+    from stream_app.produce import EventProducer, synthetic_messages
+
+    settings: Settings = settings_from_args(args)
+    _check_port_free(settings.web_host, settings.web_port)
+    console = Console(stderr=True)
+    workdir = Path(tempfile.mkdtemp(prefix="streamrec-demo-"))
+    with kafka_for(settings) as ready:
+        if settings.embedded:  # a memory broker's offsets die with it: start from empty state
+            ready = ready.model_copy(update={"state_dir": workdir / "state"})
+        console.print(f"broker {ready.bootstrap_servers} · worker log {workdir / 'worker.log'} · "
+                      f"metrics http://{ready.web_host}:{ready.web_port}/metrics")
+        worker = WorkerProcess(ready, workdir / "worker.log").start()
+        try:
+            with console.status("starting worker (joins its consumer group in ~5-10 s)..."):
+                worker.wait_ready()
+            summary = _stream(args, ready, worker, console, EventProducer, synthetic_messages)
+        finally:
+            worker.stop()
+    _report(summary, console, args.json)
+    return 0
+
+
+def _stream(args, settings: Settings, worker, console: Console, producer_cls, messages_fn) -> dict:
+    watcher = RecWatcher(settings.bootstrap_servers, settings.recommendations_topic)
+    watcher.start()
+    producer = producer_cls(settings.bootstrap_servers, settings.events_topic)
+    stop = threading.Event()
+    msgs = itertools.takewhile(lambda _: not stop.is_set(),
+                               messages_fn(args.users, args.items, args.seed, args.bad_rate))
+    thread = threading.Thread(target=producer.paced, args=(msgs, args.rate), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    deadline = started + args.duration if args.duration else float("inf")
+    try:
+        if console.is_terminal:
+            with Live(console=console, refresh_per_second=4) as live:
+                while time.monotonic() < deadline:
+                    live.update(_view(_snapshot(worker, watcher, producer.sent, started), watcher))
+                    time.sleep(0.25)
+        else:  # logs and CI: a plain status line every 5 s
+            while time.monotonic() < deadline:
+                time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+                console.print(json.dumps(_snapshot(worker, watcher, producer.sent, started)))
+    except KeyboardInterrupt:
+        pass
+    stop.set()
+    thread.join(5)
+    producer.close()
+    time.sleep(2.0)  # let the tail of the stream come through
+    summary = _snapshot(worker, watcher, producer.sent, started)
+    watcher.stop_flag.set()
+    watcher.join(5)
+    return summary
+
+
+def _report(summary: dict, console: Console, path: Path | None) -> None:
+    table = Table(title="demo summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    if path is not None:
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"summary written to {path}")

@@ -1,0 +1,63 @@
+"""The CLI as a user meets it: help for every command, one-line errors, the demo."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stream_app.cli import COMMANDS, main
+
+
+def streamrec(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stream_app.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_overview_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help_with_examples(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"streamrec {name}" in out
+
+
+@pytest.mark.parametrize("args,fix", [
+    (["produce", "--synthetic"], "STREAMREC_BOOTSTRAP_SERVERS"),
+    (["produce", "--file", "/nonexistent.jsonl", "--bootstrap-servers", "127.0.0.1:1"], "streamrec synth"),
+    (["worker", "--partitions", "0"], "--partitions"),
+    (["nonsense"], "streamrec --help"),
+])
+def test_user_errors_are_one_line_naming_the_fix(args, fix):
+    result = streamrec(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fix in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unreachable_broker_is_a_bounded_one_line_error():
+    result = streamrec("worker", "--bootstrap-servers", "127.0.0.1:1", "--broker-connect-timeout-s", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if "cannot reach Kafka at 127.0.0.1:1" in line]
+
+
+@pytest.mark.integration
+def test_demo_runs_and_reports(tmp_path):
+    from stream_app.broker import free_port
+
+    out = tmp_path / "demo.json"
+    result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out),
+                       "--web-port", str(free_port()), timeout=150)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["events"] > 1000 and summary["recommendations"] > 100 and summary["dlq"] > 0
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
