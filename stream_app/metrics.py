@@ -39,10 +39,41 @@ BATCH_SIZE = Histogram(
 )
 USERS = Gauge("streamrec_users_in_state", "Users held in this worker's state table.", registry=REGISTRY)
 
+# --- model serving (transformer engine) -------------------------------------------
+CACHE_HITS = Counter("streamrec_cache_hits_total", "Refreshes served from a user's KV cache.", registry=REGISTRY)
+CACHE_MISSES = Counter("streamrec_cache_misses_total", "Refreshes that needed a rebuild.", registry=REGISTRY)
+CACHE_EVICTIONS = Counter("streamrec_cache_evictions_total", "KV caches evicted (LRU).", registry=REGISTRY)
+CACHE_SLOTS = Gauge("streamrec_cache_slots", "KV cache slots in use / capacity.", ["state"], registry=REGISTRY)
+REBUILD_BATCH = Histogram(
+    "streamrec_rebuild_batch_size", "Users rebuilt per batched rebuild.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY,
+)
+INFERENCE_SECONDS = Histogram(
+    "streamrec_inference_seconds", "Inference time per batch, by path.", ["path"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=REGISTRY,
+)
+CATALOG_ITEMS = Gauge("streamrec_catalog_items", "Items known to the scorer, by availability.", ["state"],
+                      registry=REGISTRY)
+MODEL_INFO = Gauge("streamrec_model_info", "Served model versions (value 1).", ["version", "variant"],
+                   registry=REGISTRY)
+MODEL_SWAPS = Counter("streamrec_model_swaps_total", "Checkpoints hot-swapped in.", registry=REGISTRY)
+ONLINE_HITS = Counter("streamrec_online_hits_total",
+                      "Click/add_to_cart/purchase events whose item was in the user's latest recommendations.",
+                      ["variant"], registry=REGISTRY)
+ONLINE_OPPORTUNITIES = Counter("streamrec_online_opportunities_total",
+                               "Click/add_to_cart/purchase events of users who had recommendations.",
+                               ["variant"], registry=REGISTRY)
+ONLINE_HIT_RATE = Gauge("streamrec_online_hit_rate", "Online hit rate over the last 1,000 opportunities.",
+                        ["variant"], registry=REGISTRY)
+CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages behind the log end, per assigned partition.",
+                     ["topic", "partition"], registry=REGISTRY)
+
 for _t in EVENT_TYPES:  # export zeros so dashboards and alerts see every series from the start
     EVENTS.labels(_t)
 for _r in REASONS:
     INVALID.labels(_r)
+for _p in ("step", "rebuild", "score"):
+    INFERENCE_SECONDS.labels(_p)
 
 
 def render() -> bytes:
