@@ -1,0 +1,66 @@
+"""Checkpoint directory = weights.safetensors + checkpoint.json. No pickle (invariant 4).
+
+The JSON carries everything needed to rebuild the exact model: config, item vocabulary
+(order = ID-embedding row), catalog content for content embeddings, plus provenance
+(version id, data fingerprint, validation metrics) for the serving side and humans.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.features import ItemIndex
+from model.transformer import SeqRec
+from stream_app.errors import UserError
+
+FORMAT = "streamrec-seqrec/1"
+WEIGHTS, META = "weights.safetensors", "checkpoint.json"
+
+
+def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str:
+    """Write the checkpoint; returns its version id (UTC time + weights hash)."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    path = os.path.join(out_dir, WEIGHTS)
+    save_file(state, path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:10]
+    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest
+    items = model.items
+    doc = {
+        "format": FORMAT,
+        "version": version,
+        "config": model.cfg.to_dict(),
+        "items": items.ids[1 : items.n_trained + 1],
+        "catalog": items.meta,
+        **(meta or {}),
+    }
+    tmp = os.path.join(out_dir, META + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, os.path.join(out_dir, META))
+    return version
+
+
+def load(ckpt_dir: str, device: torch.device | str = "cpu") -> tuple[SeqRec, dict[str, Any]]:
+    """Rebuild the model (eval mode) and return it with the checkpoint's JSON metadata."""
+    meta_path, w_path = os.path.join(ckpt_dir or "", META), os.path.join(ckpt_dir or "", WEIGHTS)
+    if not os.path.isfile(meta_path) or not os.path.isfile(w_path):
+        raise UserError(f"{ckpt_dir!r} is not a checkpoint directory (needs {META} and {WEIGHTS}); "
+                        "pass the --out DIR of `streamrec train`")
+    with open(meta_path) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{meta_path} has format {doc.get('format')!r}, expected {FORMAT}; retrain with this version")
+    cfg = ModelConfig.from_dict(doc["config"])
+    items = ItemIndex(doc["items"], cfg, doc.get("catalog") or None)
+    model = SeqRec(cfg, items)
+    model.load_state_dict(load_file(w_path))
+    return model.to(device).eval(), doc

@@ -1,0 +1,218 @@
+"""Evaluate a checkpoint or a baseline under the sampled or full leave-one-out protocol.
+
+sampled: the held-out item against 100 items the user never interacted with, drawn
+uniformly with a fixed seed (SASRec protocol). full: against every item except the user's
+other interactions. Ties are broken uniformly at random *in expectation* (metrics are
+exact expectations), so a constant-score baseline gets chance level, not rank 1.
+MRR is untruncated; HR and NDCG are @k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from model.data import Dataset, Split, leave_one_out, load
+from model.features import RawEvent
+from model.transformer import SeqRec
+
+EXAMPLES = """examples:
+  streamrec eval --checkpoint runs/games --data games.txt --format pairs --protocol sampled --k 10 --json m.json
+  streamrec eval --baseline cooccurrence --data games.txt --format pairs --protocol full --json base.json
+  streamrec eval --checkpoint runs/shop --data events.jsonl --catalog catalog.jsonl --split valid
+"""
+ScoreFn = Callable[[list[list[RawEvent]], "np.ndarray | None"], np.ndarray]
+
+
+def rank_metrics(greater: np.ndarray, ties: np.ndarray, k: int) -> dict[str, float]:
+    """Mean HR@k, NDCG@k, MRR of a target with `greater` items scored above it and `ties`
+    other items scored equal, expected over uniform random tie-breaking."""
+    g, t = np.asarray(greater, np.int64), np.asarray(ties, np.int64)
+    if len(g) == 0:
+        return {"hr": 0.0, "ndcg": 0.0, "mrr": 0.0}
+    top = int((g + t).max()) + 2
+    gain = np.where(np.arange(top) < k, 1.0 / np.log2(np.arange(top) + 2.0), 0.0)
+    cg = np.concatenate([[0.0], np.cumsum(gain)])                 # cg[p] = sum of gain[:p]
+    ch = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, top + 1))])  # ch[p] = H_p
+    n = t + 1.0
+    hr = (np.clip(k - g, 0, None).clip(max=t + 1)) / n
+    ndcg = (cg[g + t + 1] - cg[g]) / n
+    mrr = (ch[g + t + 1] - ch[g]) / n
+    return {"hr": float(hr.mean()), "ndcg": float(ndcg.mean()), "mrr": float(mrr.mean())}
+
+
+def sample_negatives(splits: Sequence[Split], index: dict[str, int], n: int = 100, seed: int = 0) -> np.ndarray:
+    """[U, n] uniform negatives per user, never an item the user interacted with (-1 pads
+    when a tiny catalog has fewer than n)."""
+    rng = np.random.default_rng(seed)
+    N = len(index)
+    out = np.full((len(splits), n), -1, dtype=np.int64)
+    for r, s in enumerate(splits):
+        seen = {index[i] for i in s.seen if i in index}
+        avail = N - len(seen)
+        if avail <= n:
+            cand = np.array([i for i in range(N) if i not in seen], dtype=np.int64)
+            out[r, : len(cand)] = cand
+            continue
+        got: list[int] = []
+        have = set(seen)
+        while len(got) < n:
+            for x in rng.integers(0, N, size=2 * n).tolist():
+                if x not in have:
+                    have.add(x)
+                    got.append(x)
+                    if len(got) == n:
+                        break
+        out[r] = got
+    return out
+
+
+def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], protocol: str = "sampled",
+             k: int = 10, seed: int = 0, batch_size: int = 512, progress: bool = False,
+             negatives: np.ndarray | None = None) -> dict:
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    splits = [s for s in splits if s.target in index]
+    tgt = np.array([index[s.target] for s in splits], dtype=np.int64)
+    if protocol == "sampled" and negatives is None:
+        negatives = sample_negatives(splits, index, 100, seed)
+    negs = negatives
+    greater = np.zeros(len(splits), np.int64)
+    ties = np.zeros(len(splits), np.int64)
+    bar = _progress(f"eval {protocol}", len(splits)) if progress else None
+    for lo in range(0, len(splits), batch_size):
+        hi = min(lo + batch_size, len(splits))
+        ctx = [splits[i].context for i in range(lo, hi)]
+        if protocol == "sampled":
+            cand = np.concatenate([tgt[lo:hi, None], negs[lo:hi]], axis=1)
+            s = np.asarray(score(ctx, np.maximum(cand, 0)), dtype=np.float64)
+            s[:, 1:][cand[:, 1:] < 0] = -np.inf
+            other = s[:, 1:]
+        else:
+            s = np.asarray(score(ctx, None), dtype=np.float64).copy()
+            rows = np.arange(hi - lo)
+            ts = s[rows, tgt[lo:hi]].copy()
+            for r in range(hi - lo):
+                ex = [index[i] for i in splits[lo + r].seen if i in index]
+                s[r, ex] = -np.inf
+            s[rows, tgt[lo:hi]] = -np.inf
+            s, other = ts[:, None], s
+        greater[lo:hi] = (other > s[:, :1]).sum(1)
+        ties[lo:hi] = (other == s[:, :1]).sum(1)
+        if bar:
+            bar[0].update(bar[1], advance=hi - lo)
+    if bar:
+        bar[0].stop()
+    return {"protocol": protocol, "k": k, "users": len(splits), **rank_metrics(greater, ties, k)}
+
+
+def model_scorer(model: SeqRec, item_ids: Sequence[str], catalog: dict | None = None) -> ScoreFn:
+    """Scores over the data's items; items the checkpoint never saw get content-only (or OOV) vectors."""
+    items = model.items
+    for iid in item_ids:
+        if iid not in items.index and catalog and iid in catalog:
+            items.add(iid, catalog[iid])
+    cols = torch.tensor([items.lookup(i) for i in item_ids], device=model.device)
+    model.eval()
+    with torch.no_grad():
+        M = model.item_matrix()[cols].float()
+
+    def score(ctx: list[list[RawEvent]], cand: np.ndarray | None) -> np.ndarray:
+        with torch.no_grad():
+            u = model.user_vectors(ctx).float()
+            if cand is None:
+                return (u @ M.T).cpu().numpy()
+            c = torch.as_tensor(cand, device=M.device)
+            return (M[c] * u[:, None, :]).sum(-1).cpu().numpy()
+    return score
+
+
+def baseline_scorer(name: str, fit: list[list[RawEvent]], item_ids: Sequence[str]) -> ScoreFn:
+    """popularity, or co-occurrence with popularity as a tie-breaker far below any neighbour score."""
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    seqs = [[e.item_id for e in h if e.item_id is not None and e.type != "search"] for h in fit]
+    counts = Counter(i for s in seqs for i in s)
+    pop = np.zeros(len(item_ids))
+    for iid, c in counts.items():
+        if iid in index:
+            pop[index[iid]] = c
+    pop /= max(pop.max(), 1.0)
+    if name == "popularity":
+        return lambda ctx, cand: np.broadcast_to(pop, (len(ctx), len(pop))) if cand is None else pop[cand]
+    if name != "cooccurrence":
+        raise ValueError(name)
+    from model.cooccurrence import CoOccurrence
+    co = CoOccurrence().fit(seqs)
+
+    def score(ctx: list[list[RawEvent]], cand: np.ndarray | None) -> np.ndarray:
+        out = np.tile(pop * 1e-12, (len(ctx), 1))
+        for r, h in enumerate(ctx):
+            sc = co.scores([e.item_id for e in h if e.item_id is not None and e.type != "search"])
+            if sc:
+                cols = [index[i] for i in sc if i in index]
+                out[r, cols] += [sc[i] for i in sc if i in index]
+        return out if cand is None else np.take_along_axis(out, cand, 1)
+    return score
+
+
+def baseline_fit_data(ds: Dataset, splits: Sequence[Split]) -> list[list[RawEvent]]:
+    """Everything except the evaluated targets (and what follows them)."""
+    ctx = {s.user: s.context for s in splits}
+    return [ctx.get(u, h) for u, h in enumerate(ds.histories)]
+
+
+def _progress(desc: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 transient=True)
+    p.start()
+    return p, p.add_task(desc, total=total)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory written by `streamrec train`")
+    who.add_argument("--baseline", choices=("popularity", "cooccurrence"), help="evaluate a baseline instead")
+    parser.add_argument("--data", required=True, metavar="PATH", help="JSONL events or `user item` pairs file")
+    parser.add_argument("--format", default="auto", choices=("auto", "jsonl", "pairs"))
+    parser.add_argument("--catalog", metavar="FILE", help="JSONL catalog (item_id, title, category) for content")
+    parser.add_argument("--protocol", default="sampled", choices=("sampled", "full"))
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--split", default="test", choices=("test", "valid"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON here")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from model.cache import pick_device
+    t0 = time.time()
+    ds = load(args.data, args.format, args.catalog)
+    _, valid, test = leave_one_out(ds)
+    splits = test if args.split == "test" else valid
+    if args.checkpoint:
+        from model import checkpoint
+        model, meta = checkpoint.load(args.checkpoint, pick_device(args.device))
+        score, who = model_scorer(model, ds.items, ds.catalog), {"checkpoint": args.checkpoint,
+                                                                 "model_version": meta.get("version")}
+    else:
+        score, who = baseline_scorer(args.baseline, baseline_fit_data(ds, splits), ds.items), {"baseline": args.baseline}
+    res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True)
+    res.update(who, split=args.split, data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
+               seconds=round(time.time() - t0, 2))
+    table = Table(title=f"{who.get('baseline') or 'model'} · {args.protocol} · {args.split}")
+    for col in ("users", f"HR@{args.k}", f"NDCG@{args.k}", "MRR"):
+        table.add_column(col, justify="right")
+    table.add_row(str(res["users"]), f"{res['hr']:.4f}", f"{res['ndcg']:.4f}", f"{res['mrr']:.4f}")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
