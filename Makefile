@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test prometheus clean
 
 $(STAMP): pyproject.toml requirements/cpu-torch.txt
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/streamrec demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# promtool + prometheus for the deploy tests (Debian package); best effort off Debian/root.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || apt-get install -y -q prometheus >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus >/dev/null 2>&1) \
+	  || echo "warning: could not install prometheus; run: apt-get install -y prometheus"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

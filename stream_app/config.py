@@ -87,3 +87,17 @@ def settings_from_args(args) -> Settings:
         name = str(err["loc"][0]) if err["loc"] else "?"
         raise UserError(f"invalid setting {name} ({err['msg']}); fix --{name.replace('_', '-')} "
                         f"or STREAMREC_{name.upper()}") from None
+
+
+def config_reference() -> str:
+    """Markdown table of every setting; README embeds it and a test keeps them equal."""
+    rows = ["| setting | env var | default | description |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = f"`{default}`" if default not in ("", None) else "(empty)"
+        rows.append(f"| `--{name.replace('_', '-')}` | `STREAMREC_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m stream_app.config > table, for the README
+    print(config_reference())
