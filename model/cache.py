@@ -111,10 +111,14 @@ def _ts(e: Any) -> float:
 
 
 def topk(user_vectors: torch.Tensor, item_matrix: torch.Tensor, k: int,
-         exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k item indices by dot product; row 0 (OOV) and each user's `exclude` never returned."""
+         exclude: Sequence[Sequence[int]] | None = None,
+         blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k item indices by dot product; row 0 (OOV), each user's `exclude` and the global
+    `blocked` indices (e.g. unavailable items) are never returned (their score is -inf)."""
     scores = user_vectors.to(item_matrix.dtype) @ item_matrix.T
     scores[:, 0] = float("-inf")
+    if blocked is not None and len(blocked):
+        scores[:, blocked.to(scores.device)] = float("-inf")
     if exclude:
         rows = [b for b, ex in enumerate(exclude) for _ in ex]
         cols = [i for ex in exclude for i in ex]
@@ -146,9 +150,9 @@ class ItemScorer:
             self._src = src
         return self._matrix
 
-    def topk(self, user_vectors: torch.Tensor, k: int,
-             exclude: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk(user_vectors, self.matrix(), k, exclude)
+    def topk(self, user_vectors: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None,
+             blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk(user_vectors, self.matrix(), k, exclude, blocked)
 
     def item_ids(self, indices: torch.Tensor) -> list[list[str]]:
         ids = self.items.ids

@@ -22,7 +22,8 @@ from faust.streams import _current_event
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.processor import BatchProcessor, Message, encode_record
-from stream_app.recommender import Recommender
+from stream_app.catalog import Catalog, follow as catalog_follow
+from stream_app.lifecycle import Lifecycle
 from stream_app.transport import App
 
 log = logging.getLogger(__name__)
@@ -69,20 +70,21 @@ def faust_settings(settings: Settings) -> dict:
     )
 
 
-def create_app(settings: Settings, recommender: Recommender) -> faust.App:
+def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> faust.App:
     app = App(settings.app_id, **faust_settings(settings))
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     events_topic = app.topic(settings.events_topic, **RAW)
     dlq_topic = app.topic(settings.dlq_topic, **RAW)
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
     users = app.Table("users", default=None, partitions=settings.partitions)
-    processor = BatchProcessor(settings, recommender)
+    processor = BatchProcessor(settings, lifecycle.recommender)
     cap = settings.dlq_payload_cap
 
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             msgs = [Message(e.message.key, e.message.value, e.message.timestamp) for e in batch]
+            processor.recommender = lifecycle.recommender  # model swaps land between batches
             out = processor.process(msgs, users.get)
             for dead in out.dead:
                 raw = msgs[dead.index].value or b""
@@ -93,15 +95,29 @@ def create_app(settings: Settings, recommender: Recommender) -> faust.App:
                 ])
             for index, user_id in out.rekeyed:
                 await events_topic.send(key=user_id.encode(), value=msgs[index].value)
+            for user_id, index in out.forgets.items():
+                with writing_for(batch[index]):
+                    if user_id in users:
+                        del users[user_id]  # changelog tombstone
+                await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
             for user_id, (index, value) in out.writes.items():
                 with writing_for(batch[index]):
                     users[user_id] = value
             for user_id, record in out.recommendations:
                 await recs_topic.send(key=user_id.encode(), value=encode_record(record))
 
+    @app.task
+    async def follow_catalog() -> None:
+        await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic)
+
+    @app.timer(settings.model_poll_s)
+    async def watch_models() -> None:
+        await lifecycle.poll()
+
     @app.timer(5.0)
-    async def count_users() -> None:
+    async def gauges() -> None:
         metrics.USERS.set(len(users))
+        export_lag(app, settings.events_topic)
 
     @app.page("/metrics")
     async def metrics_page(web, request):
@@ -117,4 +133,25 @@ def create_app(settings: Settings, recommender: Recommender) -> faust.App:
         ready = not app.rebalancing and bool(app.consumer.assignment())
         return web.json({"ready": ready}, status=200 if ready else 503)
 
+    @app.page("/recommendations/{user_id}")
+    @app.topic_route(topic=events_topic, match_info="user_id")  # forwarded to the owning worker
+    async def lookup(web, request, user_id: str):
+        record = processor.latest.get(user_id)
+        if record is None:
+            return web.json({"error": f"no recommendations for user {user_id!r} yet"}, status=404)
+        return web.json(record)
+
     return app
+
+
+def export_lag(app: faust.App, topic: str) -> None:
+    """streamrec_consumer_lag{topic,partition}: log end offset minus the next offset to read.
+
+    Faust has no public read-position API; _read_offset is the consumer's own bookkeeping."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        if tp.topic != topic:
+            continue
+        end, read = consumer.highwater(tp), consumer._read_offset.get(tp)
+        if end is not None:
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - (read + 1 if read is not None else 0)))

@@ -114,8 +114,10 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
+            compacted = {settings.catalog_topic}  # latest record per key is all that matters
             with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor)
+                admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
+                                              topic_configs={"cleanup.policy": "compact"} if t in compacted else {})
                                      for t in missing])
         for desc in admin.describe_topics(topics):
             n = len(desc.get("partitions") or [])

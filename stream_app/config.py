@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     events_topic: str = Field("clickstream.events", description="Input topic (key=user_id, JSON events).")
     dlq_topic: str = Field("clickstream.dlq", description="Dead-letter topic: original bytes + reason headers.")
     recommendations_topic: str = Field("recommendations", description="Output topic (key=user_id, JSON).")
+    catalog_topic: str = Field("catalog.items", description="Compacted item upserts (key=item_id, JSON).")
     broker_session_timeout_s: float = Field(10.0, description="Consumer session timeout (Tansu needs it short).")
     broker_heartbeat_interval_s: float = Field(2.0, description="Consumer heartbeat interval.")
     broker_max_poll_interval_s: float = Field(
@@ -49,6 +50,18 @@ class Settings(BaseSettings):
         65_536, ge=0, description="Bytes of the original payload kept in a DLQ record (rest truncated)."
     )
 
+    # --- Model serving ---------------------------------------------------------
+    model_dir: Path | None = Field(
+        None, description="Checkpoint dir, or a dir of them (newest served, watched for new ones). "
+                          "Unset: co-occurrence baseline."
+    )
+    model_b_dir: Path | None = Field(None, description="Second checkpoint (dir) served as variant B (A/B test).")
+    ab_split: float = Field(0.5, ge=0.0, le=1.0, description="Share of users (by stable hash) in variant B.")
+    model_poll_s: float = Field(5.0, gt=0, description="How often the model directories are checked.")
+    cache_mb: float = Field(256.0, gt=0, description="KV-cache memory budget per served model, in MB.")
+    device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu, cuda, cuda:N.")
+    dtype: str = Field("fp32", pattern="^(fp32|bf16)$", description="Inference dtype on CUDA (fp32 or bf16).")
+
     # --- Serving / observability ---------------------------------------------
     web_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz, lookups.")
     web_port: int = Field(6066, ge=0, le=65535, description="HTTP port of /metrics etc. (0 = pick free).")
@@ -60,7 +73,7 @@ class Settings(BaseSettings):
 
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""
-        return [self.events_topic, self.dlq_topic, self.recommendations_topic]
+        return [self.events_topic, self.dlq_topic, self.recommendations_topic, self.catalog_topic]
 
 
 def add_settings_arguments(parser, only: list[str] | None = None) -> None:

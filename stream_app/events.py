@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
-ITEM_TYPES = frozenset(t for t in EVENT_TYPES if t != "search")
+# Control events: not behaviour, never stored. "forget" erases a user (right to be forgotten).
+CONTROL_TYPES = ("forget",)
 
 # Closed set of DLQ reasons (metric label values).
 REASONS = (
@@ -124,15 +125,17 @@ def validate(obj: dict) -> Event:
     etype = obj.get("type")
     if etype is None:
         raise InvalidEvent("missing_field", "type")
-    if etype not in EVENT_TYPES:
-        raise InvalidEvent("unknown_type", f"type {str(etype)[:40]!r} not in {EVENT_TYPES}")
+    if etype not in EVENT_TYPES and etype not in CONTROL_TYPES:
+        raise InvalidEvent("unknown_type", f"type {str(etype)[:40]!r} not in {EVENT_TYPES + CONTROL_TYPES}")
     if "ts" not in obj:
         raise InvalidEvent("missing_field", "ts")
     ts = parse_ts(obj["ts"])
     is_search = etype == "search"
-    item_id = _string(obj, "item_id", not is_search)
+    item_id = _string(obj, "item_id", etype in EVENT_TYPES and not is_search)
     query = _string(obj, "query", is_search)
     session_id = _string(obj, "session_id", False)
+    if etype in CONTROL_TYPES:
+        return Event(event_id, user_id, etype, ts, session_id=session_id)
     return Event(event_id, user_id, etype, ts, item_id if not is_search else None, query, session_id)
 
 

@@ -20,7 +20,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The STREAMREC_* environment that reproduces `settings` in a child process."""
     env = {}
     for name, value in settings.model_dump().items():
-        env[f"STREAMREC_{name.upper()}"] = str(value)
+        if value is not None:
+            env[f"STREAMREC_{name.upper()}"] = str(value)
     return env
 
 

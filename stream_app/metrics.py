@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream_app.events import EVENT_TYPES, REASONS
+from stream_app.events import CONTROL_TYPES, EVENT_TYPES, REASONS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -68,7 +68,7 @@ ONLINE_HIT_RATE = Gauge("streamrec_online_hit_rate", "Online hit rate over the l
 CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages behind the log end, per assigned partition.",
                      ["topic", "partition"], registry=REGISTRY)
 
-for _t in EVENT_TYPES:  # export zeros so dashboards and alerts see every series from the start
+for _t in EVENT_TYPES + CONTROL_TYPES:  # export zeros so dashboards and alerts see every series from the start
     EVENTS.labels(_t)
 for _r in REASONS:
     INVALID.labels(_r)

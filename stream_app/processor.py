@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.events import Event, InvalidEvent, decode_event
+from stream_app.latest import LatestStore
 from stream_app.recommender import Recommender, Refresh
 from stream_app.state import UserState
 
@@ -40,6 +41,7 @@ class DeadLetter:
 class Outcome:
     dead: list[DeadLetter] = field(default_factory=list)
     rekeyed: list[tuple[int, str]] = field(default_factory=list)  # (index, user_id)
+    forgets: dict[str, int] = field(default_factory=dict)  # user -> index of the forget event
     writes: dict[str, tuple[int, dict]] = field(default_factory=dict)  # user -> (index, state json)
     recommendations: list[tuple[str, dict]] = field(default_factory=list)  # (user_id, record)
     accepted: Counter = field(default_factory=Counter)  # by event type
@@ -47,10 +49,12 @@ class Outcome:
 
 
 class BatchProcessor:
-    def __init__(self, settings: Settings, recommender: Recommender, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Settings, recommender: Recommender, clock: Callable[[], float] = time.time,
+                 latest: LatestStore | None = None) -> None:
         self.settings = settings
-        self.recommender = recommender
+        self.recommender = recommender  # swapped atomically between batches on model reload
         self.clock = clock
+        self.latest = latest if latest is not None else LatestStore()
 
     def process(self, messages: Sequence[Message], load: Callable[[str], dict | None]) -> Outcome:
         out = Outcome()
@@ -58,12 +62,15 @@ class BatchProcessor:
         refreshes: list[Refresh] = []
         newest: dict[str, tuple[int, Event]] = {}
         for user_id, items in per_user.items():
-            state = UserState.from_json(load(user_id))
+            items, state = self._state_for(user_id, items, load, out)
+            if not items:
+                continue
             previous = state.items()
             accepted, dups = state.apply((ev for _, ev in items), self.settings.history_max,
                                          self.settings.dedupe_window)
             out.duplicates += dups
             for ev in accepted:
+                self.latest.score(ev)
                 self.recommender.observe(previous, ev)
                 out.accepted[ev.type] += 1
                 if ev.item_id is not None:
@@ -79,6 +86,20 @@ class BatchProcessor:
             self._rank(refreshes, newest, messages, out)
         self._count(out)
         return out
+
+    def _state_for(self, user_id: str, items: list[tuple[int, Event]], load: Callable[[str], dict | None],
+                   out: Outcome) -> tuple[list[tuple[int, Event]], UserState]:
+        """The user's state, unless the batch holds a forget: then everything before the
+        last forget is erased (state, cache, latest recommendations) and only later
+        events count, against empty state."""
+        cut = max((n for n, (_, ev) in enumerate(items) if ev.type == "forget"), default=None)
+        if cut is None:
+            return items, UserState.from_json(load(user_id))
+        out.forgets[user_id] = items[cut][0]
+        out.accepted["forget"] += 1
+        self.recommender.forget(user_id)
+        self.latest.forget(user_id)
+        return [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"], UserState()
 
     def _route(self, messages: Sequence[Message], out: Outcome) -> dict[str, list[tuple[int, Event]]]:
         per_user: dict[str, list[tuple[int, Event]]] = {}
@@ -105,7 +126,7 @@ class BatchProcessor:
             index, event = newest[refresh.user_id]
             latency = max(0.0, now - messages[index].timestamp)
             metrics.LATENCY.observe(latency)
-            out.recommendations.append((refresh.user_id, {
+            record = {
                 "user_id": refresh.user_id,
                 "event_id": event.event_id,
                 "items": [{"item_id": item, "score": round(score, 6)} for item, score in result.items],
@@ -114,7 +135,9 @@ class BatchProcessor:
                 "generated_at": round(now, 3),
                 "event_ts": event.ts,
                 "latency_ms": round(latency * 1000, 2),
-            }))
+            }
+            self.latest.put(refresh.user_id, record)
+            out.recommendations.append((refresh.user_id, record))
 
     @staticmethod
     def _count(out: Outcome) -> None:

@@ -32,6 +32,10 @@ class Recommender(Protocol):
 
     def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]: ...
 
+    def forget(self, user_id: str) -> None:
+        """Drop anything derived from the user (caches)."""
+        ...
+
 
 class CoOccurrenceRecommender:
     """The baseline: online item-to-item co-occurrence, popularity backfill, no repurchases."""
@@ -46,9 +50,14 @@ class CoOccurrenceRecommender:
         if event.item_id is not None:
             self.model.observe(previous_items, event.item_id)
 
-    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+    def forget(self, user_id: str) -> None:
+        pass  # keeps no per-user data; item counts are aggregates
+
+    def recommend(self, batch: Sequence[Refresh], k: int, blocked: frozenset[str] = frozenset()) -> list[Ranked]:
+        """`blocked`: items nobody may be recommended (unavailable in the catalog)."""
         return [
-            Ranked(self.model.recommend(r.state.items(), k, exclude=r.state.purchased()), self.version, self.variant)
+            Ranked(self.model.recommend(r.state.items(), k, exclude=r.state.purchased() | blocked),
+                   self.version, self.variant)
             for r in batch
         ]
 

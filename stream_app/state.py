@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from stream_app.events import EVENT_TYPES, Event
 
@@ -27,15 +27,17 @@ class UserState:
     # each entry: [item_id or "", type code, ts (ms precision), query or ""]
     history: list[list] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
+    count: int = 0  # events ever accepted: the history position KV caches are tagged with
 
     @classmethod
     def from_json(cls, value: dict | None) -> "UserState":
         if not value:
             return cls()
-        return cls(history=list(value.get("h", [])), seen=list(value.get("ids", [])))
+        history = list(value.get("h", []))
+        return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))))
 
     def to_json(self) -> dict:
-        return {"v": FORMAT, "h": self.history, "ids": self.seen}
+        return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count}
 
     def apply(self, events: Iterable[Event], history_max: int, dedupe_window: int) -> tuple[list[Event], int]:
         """Append events not seen before; return (accepted, duplicates).
@@ -53,6 +55,7 @@ class UserState:
             seen.add(key)
             self.seen.append(key)
             self.history.append([ev.item_id or "", TYPE_CODE[ev.type], round(ev.ts, 3), ev.query or ""])
+            self.count += 1
             accepted.append(ev)
         if len(self.history) > history_max:
             del self.history[: len(self.history) - history_max]
@@ -69,5 +72,12 @@ class UserState:
         return {e[0] for e in self.history if e[1] == code}
 
 
-def history_items(history: Sequence[Sequence]) -> list[str]:
-    return [e[0] for e in history if e[0]]
+    def raw_events(self, last: int | None = None) -> list:
+        """History (or its `last` entries) as model.features.RawEvent, the model's input type.
+
+        Built from the stored entries, never from the incoming events, so the streaming
+        path and an offline replay of the table see identical inputs (rounded ts too)."""
+        from model.features import RawEvent
+
+        entries = self.history if last is None else self.history[len(self.history) - last:]
+        return [RawEvent(e[0] or None, EVENT_TYPES[e[1]], float(e[2]), e[3] or None) for e in entries]

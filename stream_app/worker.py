@@ -23,11 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
 
 
-def build_recommender(settings: Settings):
-    from stream_app.recommender import CoOccurrenceRecommender
-    return CoOccurrenceRecommender()
-
-
 def run_worker(settings: Settings) -> int:
     """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards."""
     import tempfile
@@ -36,12 +31,15 @@ def run_worker(settings: Settings) -> int:
 
     from stream_app.app import create_app
     from stream_app.broker import kafka_for
+    from stream_app.catalog import Catalog
+    from stream_app.lifecycle import Lifecycle
 
     with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
         if settings.embedded:  # a memory broker's offsets die with it: never reuse old state
             ready = ready.model_copy(update={"state_dir": Path(tmp)})
         ready.state_dir.mkdir(parents=True, exist_ok=True)
-        app = create_app(ready, build_recommender(ready))
+        catalog = Catalog()
+        app = create_app(ready, Lifecycle(ready, catalog), catalog)
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
               f"http://{ready.web_host}:{ready.web_port}/metrics", flush=True)
         worker = Worker(app, loglevel=ready.log_level, quiet=True)
