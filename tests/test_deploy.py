@@ -1,0 +1,447 @@
+"""Deployment artefacts agree with the code: docker-compose.yml, Dockerfile, Prometheus
+config and alert rules, Grafana provisioning and dashboard.
+
+Static checks (fast) compare the files with stream_app.config.Settings and the metric
+registry in stream_app.metrics; promtool validates the config and rules and runs the
+alert unit tests; one integration test scrapes a real worker with a real Prometheus.
+
+promtool and prometheus come from the Debian package: `apt-get install -y prometheus`.
+Without them these tests fail, unless STREAMREC_SKIP_PROMETHEUS=1 (then they skip)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stream_app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PROM_DIR = ROOT / "deploy" / "prometheus"
+PROM_CONFIG = PROM_DIR / "prometheus.yml"
+ALERTS = PROM_DIR / "alerts.yml"
+ALERTS_TEST = PROM_DIR / "alerts_test.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "streamrec.json"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
+
+FIELDS = Settings.model_fields
+# Settings fields the compose file may reference before they land in stream_app/config.py.
+# Remove an entry once the field exists (it is then checked like any other).
+PENDING_FIELDS = {"model_dir"}
+CATALOG_TOPIC = FIELDS["catalog_topic"].default if "catalog_topic" in FIELDS else "catalog.items"
+
+REQUIRED_ALERTS = {
+    "StreamrecWorkerDown", "StreamrecConsumerLagGrowing", "StreamrecDeadLetterRateHigh",
+    "StreamrecLatencyP99High", "StreamrecNoRecommendations", "StreamrecCacheHitRatioLow",
+}
+METRIC_RE = re.compile(r"\bstreamrec_[a-zA-Z0-9_]+\b")
+ENV_RE = re.compile(r"\bSTREAMREC_[A-Z0-9_]+\b")
+INTERP_RE = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")  # ${VAR:-default}
+
+
+def default(name: str):
+    return FIELDS[name].default
+
+
+def interpolate(value) -> str:
+    """Compose `${VAR:-default}` -> default (what an unconfigured `docker compose up` uses)."""
+    return INTERP_RE.sub(lambda m: m.group(2), str(value))
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: interpolate(v) for k, v in env.items()}
+
+
+def command_text(service: dict) -> str:
+    cmd = service.get("command") or ""
+    return "\n".join(cmd) if isinstance(cmd, list) else str(cmd)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+# --------------------------------------------------------------------- compose vs Settings
+
+def test_every_streamrec_env_var_is_a_setting():
+    """Settings ignores unknown env vars (extra="ignore"), so a typo would pass silently."""
+    for path in (COMPOSE, DOCKERFILE):
+        used = {m.group(0) for m in ENV_RE.finditer(path.read_text())}
+        assert used, path
+        unknown = sorted(v for v in used
+                         if v[len("STREAMREC_"):].lower() not in FIELDS
+                         and v[len("STREAMREC_"):].lower() not in PENDING_FIELDS)
+        assert not unknown, f"{path.name} uses env vars that are not Settings fields: {unknown}"
+
+
+def test_compose_env_values_validate(services):
+    """Every STREAMREC_* value in compose is accepted by Settings (types, bounds)."""
+    for name, svc in services.items():
+        values = {k[len("STREAMREC_"):].lower(): v for k, v in env_of(svc).items() if k.startswith("STREAMREC_")}
+        values = {k: v for k, v in values.items() if k in FIELDS}
+        Settings(**values)  # raises ValidationError on a bad value
+
+
+def test_partitions_follow_streamrec_partitions(compose, services):
+    raw = COMPOSE.read_text()
+    defaults = {m.group(2) for m in INTERP_RE.finditer(raw) if m.group(1) == "STREAMREC_PARTITIONS"}
+    assert defaults == {str(default("partitions"))}, defaults
+    for name in ("topic-init", "worker"):
+        assert services[name]["environment"]["STREAMREC_PARTITIONS"] == "${STREAMREC_PARTITIONS:-%d}" % default(
+            "partitions"), name
+    creates = command_text(services["topic-init"])
+    assert '--partitions "$$STREAMREC_PARTITIONS"' in creates
+
+
+def test_topic_init_creates_the_settings_topics(services):
+    init = services["topic-init"]
+    text = command_text(init)
+    topics = re.findall(r"--topic\s+(\S+)", text)
+    expected = [default("events_topic"), default("dlq_topic"), default("recommendations_topic"), CATALOG_TOPIC]
+    assert sorted(topics) == sorted(expected)
+    catalog_line = next(line for line in text.splitlines() if f"--topic {CATALOG_TOPIC}" in line)
+    assert "cleanup.policy=compact" in catalog_line
+    assert "--if-not-exists" in text  # re-running `docker compose up` must not fail
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_kafka_is_kraft_with_healthcheck(services):
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = env_of(kafka)
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "healthcheck" in kafka and kafka["healthcheck"]["test"]
+    assert "kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert env_of(services["worker"])["STREAMREC_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env_of(services["producer"])["STREAMREC_BOOTSTRAP_SERVERS"] == "kafka:9092"
+
+
+def test_images_are_pinned(services):
+    for name, svc in services.items():
+        if "build" in svc:
+            continue
+        image = svc["image"]
+        tag = image.rpartition(":")[2]
+        assert ":" in image and tag and tag != "latest", f"{name}: pin the image tag ({image})"
+
+
+def test_worker_port_health_and_scrape_target_agree(services):
+    port = default("web_port")
+    worker = services["worker"]
+    env = env_of(worker)
+    assert env["STREAMREC_WEB_PORT"] == str(port)
+    assert env["STREAMREC_WEB_HOST"] == "0.0.0.0"
+    assert any(str(p).endswith(f":{port}") for p in worker["ports"])
+    health = " ".join(worker["healthcheck"]["test"])
+    assert f"localhost:{port}/healthz" in health
+    deps = worker["depends_on"]
+    assert deps["kafka"]["condition"] == "service_healthy"
+    assert deps["topic-init"]["condition"] == "service_completed_successfully"
+    assert worker["command"] == ["worker"]
+    assert services["producer"]["command"][:2] == ["produce", "--synthetic"]
+
+    prom = yaml.safe_load(PROM_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    job = jobs["streamrec"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["scrape_interval"] == "5s"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"worker:{port}"]
+
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(rf"^EXPOSE\s+{port}\b", dockerfile, re.M)
+    assert f"STREAMREC_WEB_PORT={port}" in dockerfile
+
+
+def test_volumes_for_state_models_and_metrics(compose, services):
+    declared = set(compose["volumes"])
+    worker = services["worker"]
+    env = env_of(worker)
+    mounts = dict(v.split(":")[:2][::-1] for v in worker["volumes"])  # container path -> source
+    for var in ("STREAMREC_STATE_DIR", "STREAMREC_MODEL_DIR"):
+        source = mounts.get(env[var])
+        assert source in declared, f"{var}={env[var]} is not on a named volume"
+    assert env["STREAMREC_MODEL_DIR"] == "/models"
+    prom_sources = {v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    assert prom_sources & declared, "prometheus data needs a named volume"
+    for name, svc in services.items():  # bind mounts point at files in the repo
+        for v in svc.get("volumes", []):
+            source = v.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source} missing"
+
+
+def test_gpu_reservation_block_present_but_commented():
+    raw = COMPOSE.read_text()
+    assert re.search(r"^\s*#\s*(-\s*)?driver: nvidia", raw, re.M)
+    assert "nvidia" not in yaml.safe_dump(yaml.safe_load(raw))
+
+
+def test_dockerfile_installs_cpu_torch_pin_first_as_non_root():
+    text = DOCKERFILE.read_text()
+    assert text.startswith("#") and re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    torch = re.search(r"^RUN pip install .*-r \S*requirements/cpu-torch\.txt", text, re.M)
+    project = re.search(r"^RUN pip install (/src|\.)(\s|$)", text, re.M)
+    assert torch and project and torch.start() < project.start()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r'^ENTRYPOINT \["streamrec"\]', text, re.M)
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("!pyproject.toml", "!requirements/", "!stream_app/", "!model/"):
+        assert needed in ignore
+
+
+# --------------------------------------------------------------------- metric names
+
+def _registry_samples() -> dict[str, set[str]]:
+    """Family name -> the sample names Prometheus stores for it."""
+    from stream_app import metrics
+
+    out: dict[str, set[str]] = {}
+    for fam in metrics.REGISTRY.collect():
+        if fam.type == "counter":
+            names = {fam.name + "_total", fam.name + "_created"}
+        elif fam.type == "histogram":
+            names = {fam.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        elif fam.type == "summary":
+            names = {fam.name, fam.name + "_sum", fam.name + "_count", fam.name + "_created"}
+        elif fam.type == "gauge":
+            names = {fam.name}
+        else:
+            raise AssertionError(f"teach test_deploy about metric type {fam.type} ({fam.name})")
+        out[fam.name] = names
+    return out
+
+
+REGISTRY_SAMPLES = _registry_samples()
+KNOWN_NAMES = set().union(*REGISTRY_SAMPLES.values())
+
+
+def dashboard_panels(panels: list) -> list[dict]:
+    out = []
+    for p in panels:
+        out.append(p)
+        out.extend(dashboard_panels(p.get("panels", [])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+@pytest.fixture(scope="module")
+def dashboard_exprs(dashboard) -> list[str]:
+    return [t["expr"] for p in dashboard_panels(dashboard["panels"]) for t in p.get("targets", []) if t.get("expr")]
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def test_registry_is_what_we_think():
+    assert "streamrec_events" in REGISTRY_SAMPLES and len(REGISTRY_SAMPLES) >= 15
+
+
+def test_every_metric_has_a_dashboard_panel(dashboard_exprs):
+    used = {name for e in dashboard_exprs for name in METRIC_RE.findall(e)}
+    missing = sorted(fam for fam, names in REGISTRY_SAMPLES.items() if not names & used)
+    assert not missing, f"metrics without a dashboard panel: {missing}"
+
+
+def test_dashboard_and_alerts_use_only_real_metrics(dashboard_exprs):
+    sources = {"dashboard": dashboard_exprs, "alerts.yml": [r["expr"] for r in alert_rules()]}
+    tests = yaml.safe_load(ALERTS_TEST.read_text())
+    sources["alerts_test.yml"] = [s["series"] for t in tests["tests"] for s in t["input_series"]]
+    for where, exprs in sources.items():
+        unknown = sorted({n for e in exprs for n in METRIC_RE.findall(e)} - KNOWN_NAMES)
+        assert not unknown, f"{where} uses metric names that stream_app/metrics.py does not export: {unknown}"
+
+
+def test_dashboard_structure(dashboard):
+    panels = dashboard_panels(dashboard["panels"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    ds = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    uids = {d["uid"] for d in ds}
+    assert dashboard["uid"] == "streamrec"
+    for p in panels:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["targets"] and all(t.get("expr") for t in p["targets"]), p["title"]
+        assert p["datasource"]["uid"] in uids, p["title"]
+        assert all(t["datasource"]["uid"] in uids for t in p["targets"]), p["title"]
+    assert any(p["type"] == "table" and "streamrec_model_info" in p["targets"][0]["expr"] for p in panels)
+    providers = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"]
+    compose = yaml.safe_load(COMPOSE.read_text())
+    grafana_mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    assert grafana_mounts["./deploy/grafana/dashboards"] == providers[0]["options"]["path"]
+    assert grafana_mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    prom_port = compose["services"]["prometheus"]["ports"][0].split(":")[-1]
+    assert ds[0]["url"] == f"http://prometheus:{prom_port}"
+
+
+def test_alert_rules_are_complete():
+    rules = alert_rules()
+    names = {r["alert"] for r in rules}
+    assert REQUIRED_ALERTS <= names, REQUIRED_ALERTS - names
+    for r in rules:
+        assert r.get("for"), r["alert"]
+        assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
+        assert r["annotations"].get("summary") and r["annotations"].get("description"), r["alert"]
+
+
+# --------------------------------------------------------------------- promtool
+
+def prometheus_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("STREAMREC_SKIP_PROMETHEUS") == "1":
+        pytest.skip(f"{name} not installed and STREAMREC_SKIP_PROMETHEUS=1")
+    pytest.fail(f"{name} not found on PATH: install it with `apt-get install -y prometheus` "
+                f"(Debian package, Prometheus 2.42 + promtool), or set STREAMREC_SKIP_PROMETHEUS=1 to skip")
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> str:
+    proc = subprocess.run([prometheus_tool("promtool"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{out}"
+    return out
+
+
+def test_promtool_check_config():
+    promtool("check", "config", str(PROM_CONFIG.relative_to(ROOT)))
+
+
+def test_promtool_check_rules():
+    out = promtool("check", "rules", str(ALERTS.relative_to(ROOT)))
+    assert f"{len(alert_rules())} rules found" in out
+
+
+def test_promtool_alert_unit_tests():
+    promtool("test", "rules", str(ALERTS_TEST.relative_to(ROOT)))
+
+
+def test_dashboard_exprs_are_valid_promql(dashboard_exprs, tmp_path):
+    """Each panel query (Grafana variables replaced) as a recording rule through promtool."""
+    grafana_vars = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$instance": ".*"}
+    rules = []
+    for i, expr in enumerate(dashboard_exprs):
+        for var, value in grafana_vars.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, f"unknown Grafana variable in {expr}"
+        rules.append({"record": f"dashboard:expr_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    promtool("check", "rules", str(path))
+
+
+# --------------------------------------------------------------------- real scrape
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=3) as resp:
+        return json.load(resp)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_prometheus_scrapes_a_real_worker(make_settings, start_worker, tmp_path):
+    """The shipped prometheus.yml and alerts.yml, pointed at a real worker: target up,
+    worker metrics queryable, every alert rule evaluates without error."""
+    from stream_app.broker import free_port, spawn, stop_process
+    from stream_app.produce import EventProducer
+
+    binary = prometheus_tool("prometheus")
+    settings = make_settings()
+    worker = start_worker(settings)
+
+    producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+    for i in range(5):
+        producer.send_event({"event_id": f"deploy-{i}", "user_id": "deploy-user", "type": "click",
+                             "item_id": f"item-{i}", "ts": time.time()})
+    producer.close()
+
+    config = yaml.safe_load(PROM_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM_DIR / f) for f in config["rule_files"]]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "streamrec")
+    job.update(scrape_interval="1s", scrape_timeout="1s",
+               static_configs=[{"targets": [f"127.0.0.1:{settings.web_port}"]}])
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    for d in ("tsdb", "consoles", "console_libraries"):
+        (tmp_path / d).mkdir()
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        proc = spawn([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                      f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+                      f"--web.console.templates={tmp_path / 'consoles'}",
+                      f"--web.console.libraries={tmp_path / 'console_libraries'}"],
+                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def query(promql: str) -> list:
+        data = _get_json(f"{api}/query?" + urllib.parse.urlencode({"query": promql}))
+        assert data["status"] == "success", data
+        return data["data"]["result"]
+
+    def wait_for(what: str, check, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"prometheus exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                last = check()
+                if last:
+                    return last
+            except OSError as exc:  # not listening yet
+                last = exc
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n"
+                             f"prometheus log:\n{log_path.read_text()[-3000:]}\nworker log:\n{worker.log_tail()}")
+
+    try:
+        wait_for("target up", lambda: query('up{job="streamrec"} == 1'))
+        events = wait_for("5 events counted", lambda: [
+            r for r in query('sum(streamrec_events_total{job="streamrec"})') if float(r["value"][1]) >= 5])
+        assert float(events[0]["value"][1]) == 5.0
+        assert query('streamrec_events_total{job="streamrec", type="view"}'), "zero-initialised series missing"
+
+        def rules_evaluated():
+            groups = _get_json(f"{api}/rules")["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            return rules if rules and all(r["health"] == "ok" for r in rules) else None
+
+        rules = wait_for("alert rules evaluated", rules_evaluated)
+        assert {r["name"] for r in rules} >= REQUIRED_ALERTS
+        firing = [r["name"] for r in rules if r["state"] == "firing"]
+        assert "StreamrecWorkerDown" not in firing
+    finally:
+        stop_process(proc, timeout=10)
+    assert proc.returncode is not None
