@@ -79,5 +79,5 @@ class UserState:
         path and an offline replay of the table see identical inputs (rounded ts too)."""
         from model.features import RawEvent
 
-        entries = self.history if last is None else self.history[len(self.history) - last:]
+        entries = self.history if last is None else self.history[max(0, len(self.history) - last):]
         return [RawEvent(e[0] or None, EVENT_TYPES[e[1]], float(e[2]), e[3] or None) for e in entries]

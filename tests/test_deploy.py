@@ -37,10 +37,7 @@ DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 
 FIELDS = Settings.model_fields
-# Settings fields the compose file may reference before they land in stream_app/config.py.
-# Remove an entry once the field exists (it is then checked like any other).
-PENDING_FIELDS = {"model_dir"}
-CATALOG_TOPIC = FIELDS["catalog_topic"].default if "catalog_topic" in FIELDS else "catalog.items"
+CATALOG_TOPIC = FIELDS["catalog_topic"].default
 
 REQUIRED_ALERTS = {
     "StreamrecWorkerDown", "StreamrecConsumerLagGrowing", "StreamrecDeadLetterRateHigh",
@@ -89,9 +86,7 @@ def test_every_streamrec_env_var_is_a_setting():
     for path in (COMPOSE, DOCKERFILE):
         used = {m.group(0) for m in ENV_RE.finditer(path.read_text())}
         assert used, path
-        unknown = sorted(v for v in used
-                         if v[len("STREAMREC_"):].lower() not in FIELDS
-                         and v[len("STREAMREC_"):].lower() not in PENDING_FIELDS)
+        unknown = sorted(v for v in used if v[len("STREAMREC_"):].lower() not in FIELDS)
         assert not unknown, f"{path.name} uses env vars that are not Settings fields: {unknown}"
 
 

@@ -1,0 +1,136 @@
+"""Model serving inside the batch processor, without Kafka: exact parity with the offline
+forward pass under random batch compositions, evictions and rebuilds; catalog; forget."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.cache import topk
+from stream_app.catalog import Catalog
+from stream_app.config import Settings
+from stream_app.lifecycle import Lifecycle
+from stream_app.processor import BatchProcessor, Message
+from stream_app.state import UserState
+from stream_app.synth import generate
+
+
+def train_tiny(out: Path, events: list[dict], catalog: list[dict], seed: int = 0) -> Path:
+    """A real checkpoint from `streamrec train`, tiny so it takes seconds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data, cat = out.parent / f"{out.name}.jsonl", out.parent / f"{out.name}.catalog.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in events))
+    cat.write_text("".join(json.dumps(c) + "\n" for c in catalog))
+    subprocess.run([sys.executable, "-m", "stream_app.cli", "train", "--data", str(data), "--catalog", str(cat),
+                    "--out", str(out), "--dim", "16", "--layers", "2", "--heads", "2", "--window", "6",
+                    "--epochs", "2", "--seed", str(seed), "--threads", "1"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    events, catalog = generate(users=120, items=200, events=5000, seed=21)
+    ckpt = train_tiny(tmp_path_factory.mktemp("ckpt") / "v1", events, catalog)
+    return events, catalog, ckpt
+
+
+def offline_recommend(model, states: list[UserState], k: int) -> list[list[tuple[str, float]]]:
+    """The reference: a full (untruncated) forward over each stored history, then top-k."""
+    vecs = model.user_vectors([s.raw_events() for s in states], truncate=False)
+    items = model.items
+    exclude = [[i for i in map(items.lookup, s.purchased()) if i] for s in states]
+    scores, idx = topk(vecs, model.item_matrix(), k, exclude)
+    return [[(items.ids[i], v) for i, v in zip(row_i, row_s)] for row_i, row_s in zip(idx.tolist(), scores.tolist())]
+
+
+def messages(events):
+    return [Message(e["user_id"].encode(), json.dumps(e).encode(), 0.0) for e in events]
+
+
+@pytest.mark.parametrize("cache_mb", [64.0, 0.0001])  # roomy, and one slot: nearly every refresh rebuilds
+def test_streaming_equals_offline_forward(world, cache_mb, tmp_path):
+    events, _, ckpt = world
+    settings = Settings(model_dir=ckpt, cache_mb=cache_mb, history_max=60, top_k=10)
+    lifecycle = Lifecycle(settings)
+    engine = lifecycle.recommender
+    assert (engine.n_slots == 1) == (cache_mb < 0.001)
+    proc = BatchProcessor(settings, engine)
+    store: dict[str, dict] = {}
+    rng = random.Random(3)
+    pos, checked, worst = 0, 0, 0.0
+    while pos < 4500:
+        size = rng.choice([1, 2, 7, 50, 200])
+        batch = events[pos:pos + size]
+        pos += size
+        if rng.random() < 0.1:  # redeliveries ride along
+            batch = batch + events[max(0, pos - 30):pos - 25]
+        out = proc.process(messages(batch), store.get)
+        for user, (_, value) in out.writes.items():
+            store[user] = value
+        if not out.recommendations:
+            continue
+        refs = offline_recommend(engine.model, [UserState.from_json(store[u]) for u, _ in out.recommendations], 10)
+        for (user, record), expected in zip(out.recommendations, refs):
+            got = [(i["item_id"], i["score"]) for i in record["items"]]
+            assert [i for i, _ in got] == [i for i, _ in expected], f"user {user} after {pos} events"
+            worst = max(worst, max(abs(a[1] - b[1]) for a, b in zip(got, expected)))
+            checked += 1
+    assert checked > 300 and worst <= 1e-4, (checked, worst)
+
+
+def test_catalog_upserts_and_availability(world):
+    events, catalog_rows, ckpt = world
+    catalog = Catalog()
+    lifecycle = Lifecycle(Settings(model_dir=ckpt, history_max=60), catalog)
+    engine = lifecycle.recommender
+    proc = BatchProcessor(Settings(history_max=60), engine)
+    store: dict[str, dict] = {}
+    out = proc.process(messages(events[:300]), store.get)
+    for user, (_, value) in out.writes.items():
+        store[user] = value
+    # a brand-new item, then everything else unavailable: the new item is all that is left
+    assert catalog.apply(b"i-new", json.dumps({"item_id": "i-new", "title": "Acme wireless mouse",
+                                               "category": catalog_rows[0]["category"]}).encode())
+    for row in catalog_rows:
+        catalog.apply(row["item_id"].encode(), json.dumps({**row, "available": False}).encode())
+    ranked = engine.recommend([r for r in _refreshes(store, events[300:320], proc)], k=5)
+    assert ranked and all([i for i, _ in r.items] == ["i-new"] for r in ranked)
+    # available again -> recommendable again
+    catalog.apply(catalog_rows[0]["item_id"].encode(), json.dumps({**catalog_rows[0], "available": True}).encode())
+    ranked = engine.recommend([r for r in _refreshes(store, events[320:330], proc)], k=5)
+    assert all(set(i for i, _ in r.items) <= {"i-new", catalog_rows[0]["item_id"]} for r in ranked)
+
+
+def _refreshes(store, evs, proc):
+    from stream_app.recommender import Refresh
+    users = {e["user_id"] for e in evs if e["user_id"] in store}
+    return [Refresh(u, UserState.from_json(store[u]), ()) for u in sorted(users)]
+
+
+def test_forget_drops_state_cache_and_latest(world):
+    events, _, ckpt = world
+    settings = Settings(model_dir=ckpt, history_max=60)
+    engine = Lifecycle(settings).recommender
+    proc = BatchProcessor(settings, engine)
+    store: dict[str, dict] = {}
+    user = events[0]["user_id"]
+    mine = [e for e in events if e["user_id"] == user][:5]
+    out = proc.process(messages(mine), store.get)
+    store[user] = out.writes[user][1]
+    assert proc.latest.get(user) and engine.slots.lookup(user)
+    forget = {"event_id": "f1", "user_id": user, "type": "forget", "ts": mine[-1]["ts"]}
+    out = proc.process(messages([forget]), store.get)
+    assert out.forgets == {user: 0} and not out.writes and not out.recommendations
+    assert proc.latest.get(user) is None and engine.slots.lookup(user) is None
+
+
+def test_history_shorter_than_receptive_field_is_refused(world):
+    from stream_app.errors import UserError
+    _, _, ckpt = world
+    with pytest.raises(UserError, match="STREAMREC_HISTORY_MAX"):
+        Lifecycle(Settings(model_dir=ckpt, history_max=5))
