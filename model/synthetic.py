@@ -11,13 +11,14 @@ import numpy as np
 
 
 def make_pairs(users: int, items: int, avg_len: float = 9.3, seed: int = 0, groups: int = 8,
-               p_follow: float = 0.6, zipf: float = 0.75, min_len: int = 5) -> list[tuple[str, str]]:
+               p_follow: float = 0.6, zipf: float = 0.75, min_len: int = 5,
+               succ_p: tuple[float, ...] = (0.6, 0.25, 0.15)) -> list[tuple[str, str]]:
     """(user, item) pairs, each user's in time order; lengths >= min_len (5-core style)."""
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, items + 1) ** zipf
     pop = pop[rng.permutation(items)]
     pop /= pop.sum()
-    succ = rng.choice(items, size=(groups, items, 3), p=pop)
+    succ = rng.choice(items, size=(groups, items, len(succ_p)), p=pop)
     group = rng.integers(0, groups, users)
     extra = max(avg_len - min_len, 0.1)
     lengths = min_len + rng.geometric(1.0 / (1.0 + extra), users) - 1
@@ -26,7 +27,7 @@ def make_pairs(users: int, items: int, avg_len: float = 9.3, seed: int = 0, grou
     seqs[:, 0] = cur
     for t in range(1, seqs.shape[1]):
         follow = rng.random(users) < p_follow
-        which = rng.choice(3, size=users, p=(0.6, 0.25, 0.15))
+        which = rng.choice(len(succ_p), size=users, p=succ_p)
         jump = rng.choice(items, size=users, p=pop)
         cur = np.where(follow, succ[group, cur, which], jump)
         seqs[:, t] = cur
