@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(str(r["history"]), str(r["batch"]), f"{r['incremental_us_per_event']:.1f}", f"{r['full_us_per_event']:.1f}",
                   f"{r['truncated_us_per_event']:.1f}", f"{r['speedup']:.1f}x", f"{r['speedup_vs_truncated']:.1f}x",
                   f"{r['speedup_forward_only']:.1f}x")
-    Console().print(t)
+    Console(width=130).print(t)
     print(f"speedup_h200_b256 = {res.get('speedup_h200_b256')}")
     if args.json:
         with open(args.json, "w") as f:

@@ -178,7 +178,7 @@ def train(ds: Dataset, mc: ModelConfig, tc: TrainConfig, device: torch.device, o
             if epoch_times and elapsed + 1.1 * max(epoch_times[-3:]) > tc.max_minutes * 60:
                 stop_reason = "time budget"
                 break
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             model.train()
             tot, nb = 0.0, 0
             batches = _batches(lengths, tc.batch_size, gen)
@@ -200,7 +200,8 @@ def train(ds: Dataset, mc: ModelConfig, tc: TrainConfig, device: torch.device, o
             met = evaluate(model_scorer(model, ds.items), vsplits, ds.items, "sampled", 10, tc.seed, negatives=vnegs)
             epoch_times.append(time.time() - t0)
             rec = {"epoch": epoch, "loss": tot / max(nb, 1), "val_hr": met["hr"], "val_ndcg": met["ndcg"],
-                   "val_mrr": met["mrr"], "seconds": round(epoch_times[-1], 2)}
+                   "val_mrr": met["mrr"], "seconds": round(epoch_times[-1], 2),
+                   "cpu_seconds": round(time.process_time() - c0, 2)}
             history.append(rec)
             prog.update(task, advance=1, description=f"epoch {epoch}", loss=rec["loss"], ndcg=met["ndcg"], hr=met["hr"])
             console.print(f"epoch {epoch:3d}  loss {rec['loss']:.4f}  val HR@10 {met['hr']:.4f}  "
