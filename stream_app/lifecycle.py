@@ -64,6 +64,8 @@ class Lifecycle:
     """Builds the serving recommender from settings and swaps checkpoints as they appear."""
 
     def __init__(self, settings: Settings, catalog=None) -> None:
+        import torch
+        torch.set_num_threads(settings.torch_threads)
         self.settings, self.catalog = settings, catalog
         self.fallback = CoOccurrenceRecommender()
         self.dirs = {"A": settings.model_dir, "B": settings.model_b_dir}

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   streamrec produce --synthetic --rate 500 --duration 60
   streamrec produce --file events.jsonl --rate 2000
   streamrec produce --synthetic --rate 200 --duration 30 --bad-rate 0.01   # 1% malformed
+  streamrec produce --catalog catalog.jsonl      # item upserts: {"item_id","title","category","price","available"}
 """
 
 
@@ -102,13 +103,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="endless synthetic clickstream")
     src.add_argument("--file", type=Path, help="JSONL events file")
+    src.add_argument("--catalog", type=Path, help="JSONL catalog rows -> the compacted catalog topic")
     parser.add_argument("--rate", type=float, default=None, help="messages/s (default: synthetic 200, file unpaced)")
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (synthetic default: 60)")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed messages (synthetic)")
-    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic"])
+    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic"])
+
+
+def catalog_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
+    """Catalog rows keyed by item_id (compaction keeps the latest per item)."""
+    for n, (line, _) in enumerate(file_messages(path), 1):
+        try:
+            item_id = str(json.loads(line)["item_id"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n} is not a catalog row; each line needs JSON with an item_id") from None
+        yield line, item_id.encode()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,19 +128,23 @@ def run(args: argparse.Namespace) -> int:
     if settings.embedded:
         raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS (e.g. the address "
                         "`streamrec broker` or `streamrec worker` printed) or pass --bootstrap-servers")
-    if args.file is not None and not args.file.is_file():
-        raise UserError(f"events file {args.file} not found; create one with `streamrec synth --out FILE`")
+    for path in (args.file, args.catalog):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path} not found; create one with `streamrec synth --out FILE --catalog FILE`")
     from stream_app.broker import wait_for_broker
 
     wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s)
-    producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+    topic = settings.catalog_topic if args.catalog else settings.events_topic
+    producer = EventProducer(settings.bootstrap_servers, topic)
     try:
-        if args.synthetic:
+        if args.catalog:
+            sent = producer.paced(catalog_messages(args.catalog), args.rate, args.duration)
+        elif args.synthetic:
             msgs = synthetic_messages(args.users, args.items, args.seed, args.bad_rate)
             sent = producer.paced(msgs, args.rate or 200, args.duration or 60, progress=True)
         else:
             sent = producer.paced(file_messages(args.file), args.rate, args.duration, progress=True)
     finally:
         producer.close()
-    print(f"produce: {sent} messages sent to {settings.events_topic} at {settings.bootstrap_servers}")
+    print(f"produce: {sent} messages sent to {topic} at {settings.bootstrap_servers}")
     return 0

@@ -14,6 +14,17 @@ _ids = itertools.count()
 
 
 @pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """(events, catalog rows, checkpoint dir) of a small synthetic world and a tiny model."""
+    from stream_app.synth import generate
+    from tests.helpers import train_tiny
+
+    events, catalog = generate(users=120, items=200, events=5000, seed=21)
+    ckpt = train_tiny(tmp_path_factory.mktemp("ckpt") / "v1", events, catalog)
+    return events, catalog, ckpt
+
+
+@pytest.fixture(scope="session")
 def broker():
     with EmbeddedBroker() as b:
         yield b
@@ -25,7 +36,8 @@ def make_settings(broker, tmp_path):
     def make(**overrides) -> Settings:
         n = next(_ids)
         base = dict(bootstrap_servers=broker.bootstrap, app_id=f"t{n}", events_topic=f"t{n}.events",
-                    dlq_topic=f"t{n}.dlq", recommendations_topic=f"t{n}.recs", partitions=2,
+                    dlq_topic=f"t{n}.dlq", recommendations_topic=f"t{n}.recs", catalog_topic=f"t{n}.catalog",
+                    partitions=2,
                     state_dir=tmp_path / f"state{n}", web_port=free_port(), batch_wait_ms=20)
         settings = Settings(**{**base, **overrides})
         ensure_topics(settings)

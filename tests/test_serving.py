@@ -4,48 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from model.cache import topk
 from stream_app.catalog import Catalog
 from stream_app.config import Settings
 from stream_app.lifecycle import Lifecycle
 from stream_app.processor import BatchProcessor, Message
 from stream_app.state import UserState
-from stream_app.synth import generate
-
-
-def train_tiny(out: Path, events: list[dict], catalog: list[dict], seed: int = 0) -> Path:
-    """A real checkpoint from `streamrec train`, tiny so it takes seconds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data, cat = out.parent / f"{out.name}.jsonl", out.parent / f"{out.name}.catalog.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in events))
-    cat.write_text("".join(json.dumps(c) + "\n" for c in catalog))
-    subprocess.run([sys.executable, "-m", "stream_app.cli", "train", "--data", str(data), "--catalog", str(cat),
-                    "--out", str(out), "--dim", "16", "--layers", "2", "--heads", "2", "--window", "6",
-                    "--epochs", "2", "--seed", str(seed), "--threads", "1"], check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    events, catalog = generate(users=120, items=200, events=5000, seed=21)
-    ckpt = train_tiny(tmp_path_factory.mktemp("ckpt") / "v1", events, catalog)
-    return events, catalog, ckpt
-
-
-def offline_recommend(model, states: list[UserState], k: int) -> list[list[tuple[str, float]]]:
-    """The reference: a full (untruncated) forward over each stored history, then top-k."""
-    vecs = model.user_vectors([s.raw_events() for s in states], truncate=False)
-    items = model.items
-    exclude = [[i for i in map(items.lookup, s.purchased()) if i] for s in states]
-    scores, idx = topk(vecs, model.item_matrix(), k, exclude)
-    return [[(items.ids[i], v) for i, v in zip(row_i, row_s)] for row_i, row_s in zip(idx.tolist(), scores.tolist())]
+from tests.helpers import assert_same_ranking, offline_recommend
 
 
 def messages(events):
@@ -77,7 +44,7 @@ def test_streaming_equals_offline_forward(world, cache_mb, tmp_path):
         refs = offline_recommend(engine.model, [UserState.from_json(store[u]) for u, _ in out.recommendations], 10)
         for (user, record), expected in zip(out.recommendations, refs):
             got = [(i["item_id"], i["score"]) for i in record["items"]]
-            assert [i for i, _ in got] == [i for i, _ in expected], f"user {user} after {pos} events"
+            assert_same_ranking(got, expected)
             worst = max(worst, max(abs(a[1] - b[1]) for a, b in zip(got, expected)))
             checked += 1
     assert checked > 300 and worst <= 1e-4, (checked, worst)
