@@ -7,11 +7,13 @@ import importlib
 
 EXAMPLES = """examples:
   streamrec bench inference --json inference.json
+  streamrec bench pipeline --json pipeline.json --plot pipeline.png
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
 BENCHES = {
     "inference": ("model.bench", "incremental KV-cache step vs full recompute, per event"),
+    "pipeline": ("stream_app.bench_pipeline", "offered-load sweep against a live worker vs a naive baseline"),
 }
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(5.0, gt=0, description="How often the model directories are checked.")
     cache_mb: float = Field(256.0, gt=0, description="KV-cache memory budget per served model, in MB.")
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu, cuda, cuda:N.")
+    incremental: bool = Field(
+        True, description="KV-cache steps. False recomputes every refresh from history (benchmark baseline)."
+    )
     torch_threads: int = Field(
         1, ge=1, le=256, description="Intra-op CPU threads for inference. 1: small streaming batches gain "
                                      "nothing from more and stall when cores are shared (LayerNorm 20 us -> 8 ms)."

@@ -96,7 +96,8 @@ class ModelRecommender:
         self.fallback = fallback or CoOccurrenceRecommender(variant)
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
-        self.max_steps = cfg.window  # more new events than this in one batch: a rebuild is cheaper
+        # more new events than this in one batch: a rebuild is cheaper; -1 = never step (baseline)
+        self.max_steps = cfg.window if settings.incremental else -1
 
     # --- Recommender protocol ------------------------------------------------------
     def observe(self, previous_items: Sequence[str], event) -> None:
