@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(5.0, gt=0, description="How often the model directories are checked.")
     cache_mb: float = Field(256.0, gt=0, description="KV-cache memory budget per served model, in MB.")
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu, cuda, cuda:N.")
+    max_steps_per_batch: int = Field(
+        4, ge=1, description="A user with more new events than this in one batch is rebuilt instead of "
+                             "stepped (each step round has a fixed cost; measured best at 4)."
+    )
     incremental: bool = Field(
         True, description="KV-cache steps. False recomputes every refresh from history (benchmark baseline)."
     )

@@ -96,8 +96,9 @@ class ModelRecommender:
         self.fallback = fallback or CoOccurrenceRecommender(variant)
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
-        # more new events than this in one batch: a rebuild is cheaper; -1 = never step (baseline)
-        self.max_steps = cfg.window if settings.incremental else -1
+        # more new events than this in one batch: one batched rebuild beats that many step
+        # rounds (each round has a fixed cost); -1 = never step (the naive baseline)
+        self.max_steps = min(settings.max_steps_per_batch, cfg.window) if settings.incremental else -1
 
     # --- Recommender protocol ------------------------------------------------------
     def observe(self, previous_items: Sequence[str], event) -> None:
