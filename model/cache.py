@@ -105,6 +105,57 @@ class KVCachePool:
         return self.model.ln_f(x)[:, 0]
 
 
+    @torch.no_grad()
+    def append(self, slots: torch.Tensor, new_events: Sequence[Sequence[Any]]) -> torch.Tensor:
+        """Append 1..W events to each (distinct) slot in one pass -> user vectors after the last.
+
+        Cost is one token per new event and a single forward for the whole batch, where
+        `step` would need one call per event. Each new token attends over the old ring (W
+        keys, read before it is overwritten) plus the new tokens before it, with distances
+        from absolute positions, so the result equals stepping the events one by one.
+        """
+        slots = slots.to(self.device)
+        if len(set(slots.tolist())) != len(slots):
+            raise ValueError("append(): each slot at most once per call")
+        W = self.W
+        n = torch.tensor([len(e) for e in new_events], device=self.device)
+        if int(n.min()) < 1 or int(n.max()) > W:
+            raise ValueError(f"append(): 1..{W} events per slot")
+        B, T = len(new_events), int(n.max())
+        prev = [self.last_ts[s] for s in slots.tolist()]
+        b = encode(new_events, self.model.items, None, prev_ts=prev).to(self.device)  # left-padded [B, T]
+        length = self.length[slots]                                   # events before this call
+        j = torch.arange(T, device=self.device)[None] - (T - n)[:, None]   # chunk index per column, <0 = pad
+        qpos = length[:, None] + j                                    # absolute position per column
+        back = (length[:, None] - 1 - self._ring[None]) % W           # ring entry r is this far behind the newest
+        rpos = length[:, None] - 1 - back                             # absolute position held by ring entry r
+        ring_ok = back < length[:, None]                              # filled entries
+        d_ring = qpos[:, :, None] - rpos[:, None, :]                  # [B, T, W]
+        d_new = j[:, :, None] - j[:, None, :]                         # [B, T, T]
+        dist = torch.cat([d_ring, d_new], 2)
+        key_ok = torch.cat([ring_ok[:, None, :].expand(B, T, W), (j >= 0)[:, None, :].expand(B, T, T)], 2)
+        mask = key_ok & (dist >= 0) & (dist < W)
+        mask[:, :, W:] |= torch.eye(T, dtype=torch.bool, device=self.device)[None]  # pad rows stay finite
+        dist = dist.clamp(0, W - 1)
+        bi, ci = (j >= 0).nonzero(as_tuple=True)                      # real new tokens
+        write_slot, write_pos = slots[bi], qpos[bi, ci] % W
+        x = self.model.embed(b)
+        for layer, blk in enumerate(self.model.blocks):
+            kc, vc = self.k[layer], self.v[layer]
+
+            def hook(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc):
+                old_k, old_v = kc[slots], vc[slots]                   # copies, read before writing
+                kc[write_slot, :, write_pos] = k[bi, :, ci]
+                vc[write_slot, :, write_pos] = v[bi, :, ci]
+                return torch.cat([old_k, k.to(old_k.dtype)], 2), torch.cat([old_v, v.to(old_v.dtype)], 2)
+
+            x, _, _ = blk(x, mask, dist, hook)
+        self.length[slots] = length + n
+        for s, evs in zip(slots.tolist(), new_events):
+            self.last_ts[s] = _ts(evs[-1])
+        return self.model.ln_f(x)[:, -1]
+
+
 def _ts(e: Any) -> float:
     from model.features import RawEvent
     return RawEvent.coerce(e).ts

@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     cache_mb: float = Field(256.0, gt=0, description="KV-cache memory budget per served model, in MB.")
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu, cuda, cuda:N.")
     max_steps_per_batch: int = Field(
-        4, ge=1, description="A user with more new events than this in one batch is rebuilt instead of "
-                             "stepped (each step round has a fixed cost; measured best at 4)."
+        50, ge=1, description="A user with more new events than this in one batch is rebuilt instead of "
+                              "appended to the KV cache (capped at the model's window)."
     )
     incremental: bool = Field(
         True, description="KV-cache steps. False recomputes every refresh from history (benchmark baseline)."

@@ -96,8 +96,8 @@ class ModelRecommender:
         self.fallback = fallback or CoOccurrenceRecommender(variant)
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
-        # more new events than this in one batch: one batched rebuild beats that many step
-        # rounds (each round has a fixed cost); -1 = never step (the naive baseline)
+        # more new events than this in one batch: rebuild instead (an append holds at most W
+        # events, and past ~W a rebuild of the receptive field costs less); -1 = never step
         self.max_steps = min(settings.max_steps_per_batch, cfg.window) if settings.incremental else -1
 
     # --- Recommender protocol ------------------------------------------------------
@@ -177,10 +177,10 @@ class ModelRecommender:
             self.vectors[slots] = self.pool.rebuild(slots, [r.state.raw_events(depth) for r in refreshes])
 
     def _steps(self, refreshes: list[Refresh], slots: torch.Tensor) -> None:
-        """Round r steps every user with more than r new events (events stay in order)."""
-        rounds = max((len(r.new_events) for r in refreshes), default=0)
-        news = [r.state.raw_events(len(r.new_events)) for r in refreshes]
-        for step in range(rounds):
-            sel = [i for i, n in enumerate(news) if len(n) > step]
-            with timed("step"):
-                self.vectors[slots[sel]] = self.pool.step(slots[sel], [news[i][step] for i in sel])
+        """All cache hits with new events advance in one multi-token append."""
+        moving = [i for i, r in enumerate(refreshes) if r.new_events]
+        if not moving:
+            return
+        with timed("step"):
+            self.vectors[slots[moving]] = self.pool.append(
+                slots[moving], [refreshes[i].state.raw_events(len(refreshes[i].new_events)) for i in moving])

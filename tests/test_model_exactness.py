@@ -91,6 +91,38 @@ def test_streaming_equals_offline(seed: int, window: int, layers: int, heads: in
     assert worst <= 1e-4, worst
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), window=st.integers(1, 6), layers=st.integers(1, 3))
+def test_multi_token_append_equals_offline(seed: int, window: int, layers: int) -> None:
+    """append() of 1..W events per slot, mixed with rebuilds and steps, equals the offline forward."""
+    rng = random.Random(seed)
+    model = make_model(window, layers, 2, seed)
+    users = 5
+    pool = KVCachePool(model, users + 2)
+    slots = torch.tensor(rng.sample(range(users + 2), users))
+    hist: list[list[RawEvent]] = [[] for _ in range(users)]
+    ts = [1_767_225_600.0] * users
+    for _ in range(6):
+        sel = [u for u in range(users) if rng.random() < 0.7] or [0]
+        chunks = []
+        for u in sel:
+            chunk = []
+            for _ in range(rng.randint(1, window)):
+                ts[u] += rng.choice([0, 2, 70, 5000])
+                chunk.append(random_event(rng, ts[u]))
+            chunks.append(chunk)
+            hist[u] += chunk
+        how = rng.random()
+        if how < 0.15:  # a rebuild from history, as after an eviction
+            got = pool.rebuild(slots[sel], [hist[u] for u in sel])
+        elif how < 0.3 and all(len(c) == 1 for c in chunks):
+            got = pool.step(slots[sel], [c[0] for c in chunks])
+        else:
+            got = pool.append(slots[sel], chunks)
+        want = model.user_vectors([hist[u] for u in sel], truncate=False)
+        assert (got - want).abs().max().item() <= 1e-4
+
+
 def test_truncated_offline_equals_full_history() -> None:
     model = make_model(window=3, layers=2, heads=2)
     rng = random.Random(1)
