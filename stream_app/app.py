@@ -61,6 +61,7 @@ def faust_settings(settings: Settings) -> dict:
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
         broker_max_poll_interval=settings.broker_max_poll_interval_s,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
         consumer_auto_offset_reset="earliest",
         web_enabled=True,
         web_bind=settings.web_host,

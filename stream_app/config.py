@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = Field(10.0, description="Consumer session timeout (Tansu needs it short).")
     broker_heartbeat_interval_s: float = Field(2.0, description="Consumer heartbeat interval.")
     broker_max_poll_interval_s: float = Field(
-        10.0, description="Max poll interval; Tansu completes a JoinGroup only after it."
+        300.0, description="Max time between polls before the member is dropped (long: survive overload)."
+    )
+    broker_rebalance_timeout_s: float = Field(
+        10.0, description="JoinGroup rebalance timeout; Tansu completes a join only after it expires."
     )
     fetch_max_wait_ms: int = Field(
         50, ge=1, le=10_000, description="Consumer fetch wait; Tansu replies only when it expires, so it bounds latency."
