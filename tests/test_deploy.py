@@ -331,6 +331,7 @@ def promtool(*args: str, cwd: Path = ROOT) -> str:
 
 def test_promtool_check_config():
     promtool("check", "config", str(PROM_CONFIG.relative_to(ROOT)))
+    promtool("check", "config", str((PROM_DIR / "prometheus.local.yml").relative_to(ROOT)))
 
 
 def test_promtool_check_rules():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -96,3 +97,13 @@ def test_redelivered_and_mis_keyed_events(make_settings, start_worker):
     assert m["streamrec_duplicate_events_total"] >= 1
     assert m["streamrec_events_rekeyed_total"] == 1
     reader.close()
+    # consumer lag per partition: exported every 5 s, 0 once everything is consumed
+    deadline = time.monotonic() + 20
+    while True:
+        lag = {k: v for k, v in worker.metrics().items() if k.startswith("streamrec_consumer_lag{")}
+        if lag and all(v == 0 for v in lag.values()):
+            break
+        assert time.monotonic() < deadline, f"consumer lag not exported / not zero: {lag}"
+        time.sleep(0.5)
+    assert sorted(lag) == [f'streamrec_consumer_lag{{partition="{p}",topic="{settings.events_topic}"}}'
+                           for p in range(settings.partitions)]
