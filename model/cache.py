@@ -43,8 +43,14 @@ class KVCachePool:
         self._ring = torch.arange(cfg.window, device=self.device)
 
     def bytes_per_slot(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.cfg.n_layers * self.cfg.dim * self.W * elem + 8 + 8
+        return self.slot_bytes(self.cfg, self.dtype)
+
+    @staticmethod
+    def slot_bytes(cfg, dtype: torch.dtype = torch.float32) -> int:
+        """Memory of one slot (K and V for every layer, plus length and last ts), so a
+        caller can size the pool from a budget before creating it."""
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.n_layers * cfg.dim * cfg.window * elem + 8 + 8
 
     def reset(self, slots: torch.Tensor) -> None:
         """Forget slots (eviction); they must be rebuilt before the next step."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import random
 import time
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.data import Dataset, Split, leave_one_out, load
+from model.data import Dataset, leave_one_out, load
 from model.features import ItemIndex, RawEvent, encode
 from model.transformer import SeqRec
 

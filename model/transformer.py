@@ -15,7 +15,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig

@@ -85,7 +85,7 @@ class ModelRecommender:
             raise UserError(f"history_max={settings.history_max} is shorter than the model's receptive field "
                             f"({cfg.receptive_field} + 1 events); set STREAMREC_HISTORY_MAX >= {cfg.receptive_field + 1}")
         elem = torch.tensor([], dtype=dtype).element_size()
-        per_slot = 2 * cfg.n_layers * cfg.dim * cfg.window * elem + cfg.dim * 4 + 16
+        per_slot = KVCachePool.slot_bytes(cfg, dtype) + cfg.dim * elem  # + the latest user vector
         self.n_slots = max(1, int(settings.cache_mb * 2**20) // per_slot)
         self.pool = KVCachePool(self.model, self.n_slots, device, dtype)
         self.scorer = ItemScorer(self.model)
