@@ -68,6 +68,9 @@ def faust_settings(settings: Settings) -> dict:
         web_host=settings.web_host,
         web_port=settings.web_port,
         table_standby_replicas=0,
+        # Tansu reports the high watermark as the last batch's base offset + 1: with
+        # one record per batch that is the true end, and table recovery stays consistent
+        **({"producer_max_batch_size": 1} if settings.single_record_batches else {}),
     )
 
 

@@ -130,6 +130,24 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
         admin.close()
 
 
+def is_tansu(bootstrap: str) -> bool:
+    """Tansu (the embedded broker) announces its default cluster id."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        return str(admin.describe_cluster().get("cluster_id", "")).startswith("tansu")
+    finally:
+        admin.close()
+
+
+def with_broker_quirks(settings: Settings) -> Settings:
+    """Resolve settings that depend on which broker answers (auto-detected when unset)."""
+    if settings.single_record_batches is None:
+        return settings.model_copy(update={"single_record_batches": is_tansu(settings.bootstrap_servers)})
+    return settings
+
+
 class EmbeddedBroker:
     """A Tansu broker on a loopback port, memory storage, owned by this process."""
 
@@ -172,13 +190,14 @@ def kafka_for(settings: Settings) -> Iterator[Settings]:
     With no bootstrap servers configured, an embedded broker lives for the block."""
     if settings.embedded:
         with EmbeddedBroker() as broker:
-            ready = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
+            ready = with_broker_quirks(settings.model_copy(update={"bootstrap_servers": broker.bootstrap}))
             ensure_topics(ready)
             yield ready
     else:
         wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s)
-        ensure_topics(settings)
-        yield settings
+        ready = with_broker_quirks(settings)
+        ensure_topics(ready)
+        yield ready
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     broker_rebalance_timeout_s: float = Field(
         10.0, description="JoinGroup rebalance timeout; Tansu completes a join only after it expires."
     )
+    single_record_batches: bool | None = Field(
+        None, description="Send each record in its own batch. Unset: on when the broker is Tansu, whose high "
+                          "watermark is the last batch's base offset + 1 (breaks Faust table recovery)."
+    )
     fetch_max_wait_ms: int = Field(
         50, ge=1, le=10_000, description="Consumer fetch wait; Tansu replies only when it expires, so it bounds latency."
     )
