@@ -68,6 +68,7 @@ class Lifecycle:
         torch.set_num_threads(settings.torch_threads)
         self.settings, self.catalog = settings, catalog
         self.fallback = CoOccurrenceRecommender()
+        self.fallback.catalog = catalog
         self.dirs = {"A": settings.model_dir, "B": settings.model_b_dir}
         self.served: dict[str, Path] = {}
         self.arms: dict[str, object] = {}

@@ -45,6 +45,7 @@ class CoOccurrenceRecommender:
     def __init__(self, variant: str = "default", window: int = 5) -> None:
         self.model = CoOccurrence(window=window)
         self.variant = variant
+        self.catalog = None  # set by Lifecycle: unavailable items are never recommended
 
     def observe(self, previous_items: Sequence[str], event: Event) -> None:
         if event.item_id is not None:
@@ -53,11 +54,10 @@ class CoOccurrenceRecommender:
     def forget(self, user_id: str) -> None:
         pass  # keeps no per-user data; item counts are aggregates
 
-    def recommend(self, batch: Sequence[Refresh], k: int, blocked: frozenset[str] = frozenset()) -> list[Ranked]:
-        """`blocked`: items nobody may be recommended (unavailable in the catalog)."""
+    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+        blocked = self.catalog.unavailable if self.catalog is not None else frozenset()
         return [
             Ranked(self.model.recommend(r.state.items(), k, exclude=r.state.purchased() | blocked),
                    self.version, self.variant)
             for r in batch
         ]
-

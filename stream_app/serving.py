@@ -116,7 +116,9 @@ class ModelRecommender:
             servable = [i for i, r in enumerate(chunk) if self._servable(r)]
             ranked = dict(zip(servable, self._rank([chunk[i] for i in servable], k))) if servable else {}
             fallback = [r for i, r in enumerate(chunk) if i not in ranked]
-            backup = iter(self.fallback.recommend(fallback, k, self._blocked_ids())) if fallback else iter(())
+            # the fallback is shared by A/B arms: its answers count for this arm's variant
+            backup = iter([Ranked(r.items, r.model_version, self.variant)
+                           for r in self.fallback.recommend(fallback, k)] if fallback else [])
             out += [ranked[i] if i in ranked else next(backup) for i in range(len(chunk))]
         return out
 
@@ -125,9 +127,6 @@ class ModelRecommender:
         """The model can represent a user with any known item or any search query."""
         items = self.model.items
         return any(e[3] or items.lookup(e[0]) for e in r.state.history)
-
-    def _blocked_ids(self) -> frozenset[str]:
-        return self.catalog.unavailable if self.catalog is not None else frozenset()
 
     def _rank(self, refreshes: list[Refresh], k: int) -> list[Ranked]:
         vectors = self.user_vectors(refreshes)

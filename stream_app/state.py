@@ -71,7 +71,6 @@ class UserState:
         code = TYPE_CODE["purchase"]
         return {e[0] for e in self.history if e[1] == code}
 
-
     def raw_events(self, last: int | None = None) -> list:
         """History (or its `last` entries) as model.features.RawEvent, the model's input type.
 

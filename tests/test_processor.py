@@ -78,3 +78,24 @@ def test_cooccurrence_learns_what_comes_next():
     assert top[0][0] == "c"
     assert model.recommend(["zzz"], k=1)[0][0] == "b"  # unknown item: popularity backfill
     assert "c" not in [i for i, _ in model.recommend(["b"], k=3, exclude={"c"})]
+
+
+def test_baseline_never_recommends_unavailable_items():
+    import json as _json
+
+    from stream_app.catalog import Catalog
+    from stream_app.lifecycle import Lifecycle
+
+    catalog = Catalog()
+    lifecycle = Lifecycle(Settings(), catalog)  # no model: the co-occurrence baseline serves
+    proc = BatchProcessor(Settings(), lifecycle.recommender, clock=lambda: 1.0)
+    store: dict = {}
+    for n in range(30):  # a -> x is the strongest signal
+        out = proc.process([msg(f"u{n}", 2 * n, "a"), msg(f"u{n}", 2 * n + 1, "x")], store.get)
+        for user, (_, value) in out.writes.items():
+            store[user] = value
+    first = dict(proc.process([msg("v", 1000, "a")], store.get).recommendations)["v"]
+    assert first["items"][0]["item_id"] == "x"
+    catalog.apply(b"x", _json.dumps({"item_id": "x", "available": False}).encode())
+    again = dict(proc.process([msg("v", 1001, "a")], store.get).recommendations)["v"]
+    assert "x" not in [i["item_id"] for i in again["items"]]

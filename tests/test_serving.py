@@ -101,3 +101,18 @@ def test_history_shorter_than_receptive_field_is_refused(world):
     _, _, ckpt = world
     with pytest.raises(UserError, match="STREAMREC_HISTORY_MAX"):
         Lifecycle(Settings(model_dir=ckpt, history_max=5))
+
+
+def test_ab_split_is_stable_and_labels_every_record(world):
+    from stream_app.lifecycle import variant_of
+
+    events, _, ckpt = world
+    settings = Settings(model_dir=ckpt, model_b_dir=ckpt, ab_split=0.5, history_max=60)
+    proc = BatchProcessor(settings, Lifecycle(settings).recommender)
+    store: dict[str, dict] = {}
+    unknown = {"event_id": "x1", "user_id": "newcomer", "type": "view", "item_id": "never-seen", "ts": events[0]["ts"]}
+    out = proc.process(messages(events[:800] + [unknown]), store.get)  # "newcomer" is served by the fallback
+    variants = {user: rec["variant"] for user, rec in out.recommendations}
+    assert set(variants.values()) == {"A", "B"}
+    assert all(v == variant_of(u, 0.5) for u, v in variants.items())
+    assert variants["newcomer"] == variant_of("newcomer", 0.5)
