@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -57,43 +56,17 @@ def make_checkpoint(out: Path, items: int, dim: int, layers: int, window: int) -
     return checkpoint.save(str(out), model, {"note": "random weights: pipeline benchmark"})
 
 
-class RecLatency(threading.Thread):
-    """Collects (generated_at, latency_ms) of every recommendation published."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        super().__init__(daemon=True)
-        from stream_app.harness import TopicReader
-        self.reader = TopicReader(bootstrap, topic)
-        self.samples: list[tuple[float, float]] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for r in self.reader.poll(200):
-                if r.value:
-                    rec = json.loads(r.value)
-                    self.samples.append((rec["generated_at"], rec["latency_ms"]))
-        self.reader.close()
-
-    def window(self, start: float, end: float) -> list[float]:
-        return sorted(lat for t, lat in self.samples if start <= t < end)
-
-
-def _pct(data: list[float], q: float) -> float:
-    return round(data[min(len(data) - 1, int(len(data) * q))], 1) if data else float("nan")
-
-
 def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
           console: Console) -> list[dict]:
     """Start one worker, then offer each load in turn; returns a row per level."""
     import psutil
 
-    from stream_app.harness import WorkerProcess, metric_sum
+    from stream_app.harness import RecommendationWatcher, WorkerProcess, metric_sum, percentile
     from stream_app.produce import EventProducer, synthetic_messages
 
     worker = WorkerProcess(settings, workdir / f"{name}.log").start().wait_ready(120)
     proc = psutil.Process(worker.proc.pid)
-    latency = RecLatency(settings.bootstrap_servers, settings.recommendations_topic)
+    latency = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, max_samples=None)
     latency.start()
     producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
     messages = synthetic_messages(users, items, seed=1)
@@ -108,10 +81,10 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
             elapsed = time.time() - t0
             time.sleep(1.0)  # in-flight tail: latency of the level's last events still counts
             done = metric_sum(worker.metrics(), "streamrec_events_total") - before
-            lat = latency.window(t0, t0 + elapsed + 1.0)
+            lat = latency.latencies(t0, t0 + elapsed + 1.0)
             row = {"engine": name, "offered": rate, "sent_per_s": round(sent / elapsed, 1),
                    "processed_per_s": round(done / (elapsed + 1.0), 1), "kept_up": done >= 0.97 * sent,
-                   "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
+                   "p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1),
                    "cpu_pct": round(proc.cpu_percent(None), 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1)}
             rows.append(row)
             console.print(f"{name:>8} offered {rate:>6.0f}/s  processed {row['processed_per_s']:>7.0f}/s  "
@@ -120,7 +93,7 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
                 _drain(worker, before + sent, timeout=60)
     finally:
         producer.close()
-        latency.stop.set()
+        latency.close()
         worker.stop()
     return rows
 

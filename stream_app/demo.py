@@ -12,7 +12,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -21,6 +20,7 @@ from rich.table import Table
 
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
+from stream_app.harness import RecommendationWatcher, metric_sum, percentile
 
 EXAMPLES = """examples:
   streamrec demo                         # until Ctrl-C
@@ -40,35 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
 
 
-class RecWatcher(threading.Thread):
-    """Reads the recommendations topic like any subscriber; keeps what the view shows."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        super().__init__(daemon=True)
-        from stream_app.harness import TopicReader
-        self.reader = TopicReader(bootstrap, topic)
-        self.latest: dict[str, dict] = {}
-        self.latencies: deque[float] = deque(maxlen=200_000)
-        self.count = 0
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            for record in self.reader.poll(200):
-                rec = json.loads(record.value)
-                self.latest.pop(rec["user_id"], None)
-                self.latest[rec["user_id"]] = rec  # dict order = most recently updated last
-                self.latencies.append(rec["latency_ms"])
-                self.count += 1
-        self.reader.close()
-
-    def percentiles(self) -> tuple[float, float]:
-        if not self.latencies:
-            return 0.0, 0.0
-        data = sorted(self.latencies)
-        return data[len(data) // 2], data[min(len(data) - 1, int(len(data) * 0.99))]
-
-
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is fine
@@ -79,13 +50,13 @@ def _check_port_free(host: str, port: int) -> None:
                             "or set STREAMREC_WEB_PORT") from None
 
 
-def _snapshot(worker, watcher: RecWatcher, sent: int, started: float) -> dict:
-    from stream_app.harness import metric_sum
+def _snapshot(worker, watcher: RecommendationWatcher, sent: int, started: float) -> dict:
     try:
         m = worker.metrics()
     except OSError:
         m = {}
-    p50, p99 = watcher.percentiles()
+    lat = watcher.latencies()
+    p50, p99 = (percentile(lat, 0.5), percentile(lat, 0.99)) if lat else (0.0, 0.0)
     elapsed = time.monotonic() - started
     events = int(metric_sum(m, "streamrec_events_total"))
     return {"elapsed_s": round(elapsed, 1), "sent": sent, "events": events,
@@ -94,7 +65,7 @@ def _snapshot(worker, watcher: RecWatcher, sent: int, started: float) -> dict:
             "users": int(m.get("streamrec_users_in_state", 0)), "p50_ms": p50, "p99_ms": p99}
 
 
-def _view(snap: dict, watcher: RecWatcher) -> Group:
+def _view(snap: dict, watcher: RecommendationWatcher) -> Group:
     stats = Table(title="streamrec demo", show_header=False, min_width=60)
     for label, key in [("elapsed (s)", "elapsed_s"), ("events processed", "events"), ("events/s", "events_per_s"),
                        ("recommendations", "recommendations"), ("DLQ (malformed)", "dlq"),
@@ -135,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stream(args, settings: Settings, worker, console: Console, producer_cls, messages_fn) -> dict:
-    watcher = RecWatcher(settings.bootstrap_servers, settings.recommendations_topic)
+    watcher = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic)
     watcher.start()
     producer = producer_cls(settings.bootstrap_servers, settings.events_topic)
     stop = threading.Event()
@@ -162,8 +133,7 @@ def _stream(args, settings: Settings, worker, console: Console, producer_cls, me
     producer.close()
     time.sleep(2.0)  # let the tail of the stream come through
     summary = _snapshot(worker, watcher, producer.sent, started)
-    watcher.stop_flag.set()
-    watcher.join(5)
+    watcher.close()
     return summary
 
 

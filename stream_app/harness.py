@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
@@ -139,3 +141,45 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class RecommendationWatcher(threading.Thread):
+    """Reads the recommendations topic like any subscriber, in the background: the latest
+    record per user (most recently updated last), (generated_at, latency_ms) samples and
+    a count. A tombstone (forgotten user) drops the user's latest record."""
+
+    def __init__(self, bootstrap: str, topic: str, max_samples: int | None = 200_000) -> None:
+        super().__init__(daemon=True)
+        self.reader = TopicReader(bootstrap, topic)
+        self.latest: dict[str, dict] = {}
+        self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self.count = 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for record in self.reader.poll(200):
+                if record.value is None:
+                    self.latest.pop((record.key or b"").decode(errors="replace"), None)
+                    continue
+                rec = json.loads(record.value)
+                self.latest.pop(rec["user_id"], None)
+                self.latest[rec["user_id"]] = rec
+                self.samples.append((rec["generated_at"], rec["latency_ms"]))
+                self.count += 1
+        self.reader.close()
+
+    def latencies(self, start: float = float("-inf"), end: float = float("inf")) -> list[float]:
+        """Sorted latencies (ms) of records generated in [start, end)."""
+        return sorted(lat for t, lat in list(self.samples) if start <= t < end)
+
+    def close(self) -> None:
+        self.stop_flag.set()
+        self.join(5)
+
+
+def percentile(sorted_data: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted data (nan when empty)."""
+    if not sorted_data:
+        return float("nan")
+    return sorted_data[min(len(sorted_data) - 1, int(len(sorted_data) * q))]
