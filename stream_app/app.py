@@ -121,6 +121,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
     @app.timer(5.0)
     async def gauges() -> None:
         metrics.USERS.set(len(users))
+        owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)
 
     @app.page("/metrics")
@@ -134,8 +135,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
 
     @app.page("/readyz")
     async def readyz(web, request):
-        ready = not app.rebalancing and bool(app.consumer.assignment())
-        return web.json({"ready": ready}, status=200 if ready else 503)
+        owned = owned_partitions(app, settings.events_topic)
+        ready = not app.rebalancing and bool(owned)
+        return web.json({"ready": ready, "partitions": owned}, status=200 if ready else 503)
 
     @app.page("/recommendations/{user_id}")
     @app.topic_route(topic=events_topic, match_info="user_id")  # forwarded to the owning worker
@@ -146,6 +148,13 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
         return web.json(record)
 
     return app
+
+
+def owned_partitions(app: faust.App, topic: str) -> list[int]:
+    """Partitions of `topic` this worker consumes now (and whose table shards it owns)."""
+    owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
+    metrics.ASSIGNED_PARTITIONS.set(len(owned))
+    return owned
 
 
 def export_lag(app: faust.App, topic: str) -> None:

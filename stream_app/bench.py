@@ -8,12 +8,14 @@ import importlib
 EXAMPLES = """examples:
   streamrec bench inference --json inference.json
   streamrec bench pipeline --json pipeline.json --plot pipeline.png
+  streamrec bench chaos --kills 10 --events 50000 --json chaos.json
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
 BENCHES = {
     "inference": ("model.bench", "incremental KV-cache step vs full recompute, per event"),
     "pipeline": ("stream_app.bench_pipeline", "offered-load sweep against a live worker vs a naive baseline"),
+    "chaos": ("stream_app.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
 }
 
 

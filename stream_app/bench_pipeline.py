@@ -140,8 +140,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream_app.broker import EmbeddedBroker, ensure_topics, free_port
-    from stream_app.config import Settings
+    from stream_app.broker import EmbeddedBroker
+    from stream_app.harness import isolated_settings
 
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
@@ -152,12 +152,8 @@ def run(args: argparse.Namespace) -> int:
     with EmbeddedBroker() as broker:
         for name, levels, extra in (("engine", args.levels, {}),
                                     ("naive", args.baseline_levels, {"batch_max": 1, "incremental": False})):
-            settings = Settings(bootstrap_servers=broker.bootstrap, app_id=f"bench-{name}",
-                                events_topic=f"{name}.events", dlq_topic=f"{name}.dlq",
-                                recommendations_topic=f"{name}.recs", catalog_topic=f"{name}.catalog",
-                                state_dir=workdir / f"{name}-state", web_port=free_port(),
-                                model_dir=workdir / "model", history_max=args.history, **extra)
-            ensure_topics(settings)
+            settings = isolated_settings(broker.bootstrap, f"bench-{name}", workdir, model_dir=workdir / "model",
+                                         history_max=args.history, **extra)
             rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console)
     best, p99_2000 = summarize(rows, "engine")
     base, _ = summarize(rows, "naive")

@@ -27,6 +27,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def isolated_settings(bootstrap: str, name: str, workdir: Path, **overrides) -> Settings:
+    """Settings for a pipeline of its own on a shared broker: its own consumer group,
+    topics, state dir and web port, so runs never see each other's data. Topics are created."""
+    from stream_app.broker import ensure_topics, free_port
+
+    base = dict(bootstrap_servers=bootstrap, app_id=name, events_topic=f"{name}.events", dlq_topic=f"{name}.dlq",
+                recommendations_topic=f"{name}.recs", catalog_topic=f"{name}.catalog",
+                state_dir=workdir / f"{name}-state", web_port=free_port())
+    settings = Settings(**{**base, **overrides})
+    ensure_topics(settings)
+    return settings
+
+
 class WorkerProcess:
     """`streamrec worker` as a child process (dies with its parent), log to a file."""
 

@@ -67,6 +67,14 @@ ONLINE_HIT_RATE = Gauge("streamrec_online_hit_rate", "Online hit rate over the l
                         ["variant"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages behind the log end, per assigned partition.",
                      ["topic", "partition"], registry=REGISTRY)
+ASSIGNED_PARTITIONS = Gauge("streamrec_assigned_partitions", "Input partitions this worker owns now.",
+                            registry=REGISTRY)
+BROKER_UP = Gauge("streamrec_broker_up", "1 when the last broker probe answered, else 0.", registry=REGISTRY)
+BROKER_DOWN_SECONDS = Gauge("streamrec_broker_unreachable_seconds",
+                            "Seconds since the broker last answered a probe (0 while it answers).",
+                            registry=REGISTRY)
+EXPIRED_USERS = Counter("streamrec_expired_users_total", "Users dropped by the inactivity TTL.",
+                        registry=REGISTRY)
 
 for _t in EVENT_TYPES + CONTROL_TYPES:  # export zeros so dashboards and alerts see every series from the start
     EVENTS.labels(_t)

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from stream_app.broker import EmbeddedBroker, ensure_topics, free_port
+from stream_app.broker import EmbeddedBroker
 from stream_app.config import Settings
-from stream_app.harness import WorkerProcess
+from stream_app.harness import WorkerProcess, isolated_settings
 
 _ids = itertools.count()
 
@@ -34,14 +34,8 @@ def broker():
 def make_settings(broker, tmp_path):
     """Settings for an isolated pipeline on the shared broker (unique app id and topics)."""
     def make(**overrides) -> Settings:
-        n = next(_ids)
-        base = dict(bootstrap_servers=broker.bootstrap, app_id=f"t{n}", events_topic=f"t{n}.events",
-                    dlq_topic=f"t{n}.dlq", recommendations_topic=f"t{n}.recs", catalog_topic=f"t{n}.catalog",
-                    partitions=2,
-                    state_dir=tmp_path / f"state{n}", web_port=free_port(), batch_wait_ms=20)
-        settings = Settings(**{**base, **overrides})
-        ensure_topics(settings)
-        return settings
+        return isolated_settings(broker.bootstrap, f"t{next(_ids)}", tmp_path,
+                                 **{"partitions": 2, "batch_wait_ms": 20, **overrides})
     return make
 
 

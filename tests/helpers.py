@@ -31,18 +31,6 @@ def offline_recommend(model, states: list[UserState], k: int) -> list[list[tuple
     return [[(items.ids[i], v) for i, v in zip(row_i, row_s)] for row_i, row_s in zip(idx.tolist(), scores.tolist())]
 
 
-
-
-def replay(events: list[dict], history_max: int) -> dict[str, UserState]:
-    """What the state table must hold after `events`: the offline replay (invariant 3)."""
-    from stream_app.events import validate
-    states: dict[str, UserState] = {}
-    for e in events:
-        ev = validate(e)
-        states.setdefault(ev.user_id, UserState()).apply([ev], history_max, 10_000)
-    return states
-
-
 def assert_same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], tol: float = 1e-4) -> None:
     """Equal up to ties: the score sequences agree within `tol` position by position, and
     every item clearly inside the offline top-k (not tied with the k-th) is served.

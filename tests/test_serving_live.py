@@ -13,7 +13,8 @@ from model import checkpoint
 from stream_app.forget import forget_event
 from stream_app.harness import TopicReader, metric_sum
 from stream_app.produce import EventProducer
-from tests.helpers import assert_same_ranking, offline_recommend, replay, train_tiny
+from stream_app.consistency import replay
+from tests.helpers import assert_same_ranking, offline_recommend, train_tiny
 
 pytestmark = pytest.mark.integration
 HISTORY = 60
