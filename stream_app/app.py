@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import weakref
 
 import faust
@@ -21,9 +22,13 @@ from faust.streams import _current_event
 
 from stream_app import metrics
 from stream_app.config import Settings
+from stream_app.events import encode_event
 from stream_app.processor import BatchProcessor, Message, encode_record
 from stream_app.catalog import Catalog, follow as catalog_follow
+from stream_app.health import BrokerWatch
 from stream_app.lifecycle import Lifecycle
+from stream_app.state import expiry_event, idle_users
+from stream_app.security import aiokafka_options, faust_credentials
 from stream_app.transport import App
 
 log = logging.getLogger(__name__)
@@ -71,10 +76,12 @@ def faust_settings(settings: Settings) -> dict:
         # Tansu reports the high watermark as the last batch's base offset + 1: with
         # one record per batch that is the true end, and table recovery stays consistent
         **({"producer_max_batch_size": 1} if settings.single_record_batches else {}),
+        # TLS/SASL for Faust's consumer, producer and topic creation (absent for PLAINTEXT)
+        **({"broker_credentials": credentials} if (credentials := faust_credentials(settings)) else {}),
     )
 
 
-def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> faust.App:
+def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broker_watch: BrokerWatch) -> faust.App:
     app = App(settings.app_id, **faust_settings(settings))
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     events_topic = app.topic(settings.events_topic, **RAW)
@@ -87,7 +94,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
-            msgs = [Message(e.message.key, e.message.value, e.message.timestamp) for e in batch]
+            msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
             processor.recommender = lifecycle.recommender  # model swaps land between batches
             out = processor.process(msgs, users.get)
             for dead in out.dead:
@@ -112,7 +119,22 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
 
     @app.task
     async def follow_catalog() -> None:
-        await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic)
+        await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings))
+
+    @app.timer(settings.ttl_sweep_s)
+    async def expire_idle_users() -> None:
+        """Bounded state: idle users get an expiry event on their own partition."""
+        if not settings.state_ttl_days:
+            return
+        now = time.time()
+        for user_id, state in idle_users(users.items(), now - settings.state_ttl_days * 86_400, 10_000):
+            if state.partition >= 0:
+                await events_topic.send(key=user_id.encode(), partition=state.partition,
+                                        value=encode_event(expiry_event(user_id, state, now)))
+
+    @app.task
+    async def watch_broker() -> None:
+        await broker_watch.run()
 
     @app.timer(settings.model_poll_s)
     async def watch_models() -> None:
@@ -131,13 +153,14 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog) -> fa
 
     @app.page("/healthz")
     async def healthz(web, request):
-        return web.json({"status": "ok"})
+        return web.json(broker_watch.status())  # 200 even when degraded: a restart cannot fix Kafka
 
     @app.page("/readyz")
     async def readyz(web, request):
         owned = owned_partitions(app, settings.events_topic)
-        ready = not app.rebalancing and bool(owned)
-        return web.json({"ready": ready, "partitions": owned}, status=200 if ready else 503)
+        ready = not app.rebalancing and bool(owned) and broker_watch.up
+        return web.json({"ready": ready, "partitions": owned, "broker": broker_watch.status()["broker"]},
+                        status=200 if ready else 503)
 
     @app.page("/recommendations/{user_id}")
     @app.topic_route(topic=events_topic, match_info="user_id")  # forwarded to the owning worker

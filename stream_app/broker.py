@@ -13,13 +13,15 @@ import ctypes
 import logging
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from stream_app.config import Settings
 from stream_app.errors import UserError
+from stream_app.security import kafka_python_options
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +79,59 @@ def _tcp_reachable(bootstrap: str) -> bool:
     return False
 
 
-def wait_for_broker(bootstrap: str, timeout: float) -> None:
+def _tls_problem(bootstrap: str, ctx: ssl.SSLContext) -> str | None:
+    """Why a TLS handshake with the first bootstrap server fails, if it does: kafka-python
+    only reports a timeout, while the reason (untrusted CA, wrong host name, client
+    certificate required) is what the operator needs. A rejected client certificate shows
+    up only on the first read under TLS 1.3, hence the short recv."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "localhost", int(port)), 2.0) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host or "localhost") as tls:
+            tls.settimeout(0.3)
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                if tls.recv(1) == b"":  # Kafka never speaks first: closed = refused us
+                    return "TLS: broker closed the connection after the handshake; client certificate required?"
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        return f"TLS: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | None = None) -> None:
     """Bounded retry until the broker answers a metadata request, else a one-line UserError.
 
-    A TCP probe comes first because kafka-python's client blocks for ~30 s on a dead port."""
+    A TCP probe comes first because kafka-python's client blocks for ~30 s on a dead port.
+    `options`: security arguments from stream_app.security.kafka_python_options."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     deadline = time.monotonic() + timeout
-    last = "connection refused"
+    last, tcp_ok = "connection refused", False
     while time.monotonic() < deadline:
         if _tcp_reachable(bootstrap):
+            tcp_ok = True
             try:
-                admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+                # bootstrap_timeout_ms: a listener that accepts TCP but never completes the Kafka
+                # (or TLS/SASL) handshake would otherwise block here for kafka-python's default 30 s
+                admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
+                                         bootstrap_timeout_ms=3000, **(options or {}))
                 admin.list_topics()
                 admin.close()
                 return
             except (KafkaError, OSError, ValueError) as exc:
                 last = type(exc).__name__
         time.sleep(0.2)
+    if tcp_ok and last != "connection refused":  # a listener answered, Kafka did not: TLS/SASL mismatch?
+        protocol = (options or {}).get("security_protocol", "PLAINTEXT")
+        if (options or {}).get("ssl_context") is not None:
+            last = _tls_problem(bootstrap, options["ssl_context"]) or last
+        raise UserError(
+            f"Kafka at {bootstrap} accepts connections but did not answer with security_protocol={protocol} "
+            f"after {timeout:.0f}s ({last}); check STREAMREC_SECURITY_PROTOCOL, STREAMREC_SSL_* and "
+            "STREAMREC_SASL_* against the broker's listener"
+        )
     raise UserError(
         f"cannot reach Kafka at {bootstrap} after {timeout:.0f}s ({last}); start the broker "
         "or fix STREAMREC_BOOTSTRAP_SERVERS (leave it empty to use the embedded broker)"
@@ -109,7 +145,8 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
     from kafka.errors import TopicAlreadyExistsError
 
     topics = topics or settings.source_topics()
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10000)
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10000,
+                             **kafka_python_options(settings))
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -130,11 +167,11 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
         admin.close()
 
 
-def is_tansu(bootstrap: str) -> bool:
+def is_tansu(bootstrap: str, options: dict[str, Any] | None = None) -> bool:
     """Tansu (the embedded broker) announces its default cluster id."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **(options or {}))
     try:
         return str(admin.describe_cluster().get("cluster_id", "")).startswith("tansu")
     finally:
@@ -144,7 +181,8 @@ def is_tansu(bootstrap: str) -> bool:
 def with_broker_quirks(settings: Settings) -> Settings:
     """Resolve settings that depend on which broker answers (auto-detected when unset)."""
     if settings.single_record_batches is None:
-        return settings.model_copy(update={"single_record_batches": is_tansu(settings.bootstrap_servers)})
+        tansu = is_tansu(settings.bootstrap_servers, kafka_python_options(settings))
+        return settings.model_copy(update={"single_record_batches": tansu})
     return settings
 
 
@@ -194,7 +232,7 @@ def kafka_for(settings: Settings) -> Iterator[Settings]:
             ensure_topics(ready)
             yield ready
     else:
-        wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s)
+        wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, kafka_python_options(settings))
         ready = with_broker_quirks(settings)
         ensure_topics(ready)
         yield ready

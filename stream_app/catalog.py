@@ -71,12 +71,14 @@ class Catalog:
         return cached[2]
 
 
-async def follow(catalog: Catalog, bootstrap: str, topic: str) -> None:
-    """Apply every record of the catalog topic, forever (an app task)."""
+async def follow(catalog: Catalog, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
+    """Apply every record of the catalog topic, forever (an app task).
+
+    `options`: security arguments from stream_app.security.aiokafka_options."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100)
+                                auto_offset_reset="earliest", fetch_max_wait_ms=100, **(options or {}))
     await consumer.start()
     try:
         async for record in consumer:

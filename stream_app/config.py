@@ -3,8 +3,9 @@ README's configuration reference are generated from it, so they cannot drift."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +41,30 @@ class Settings(BaseSettings):
     broker_connect_timeout_s: float = Field(
         30.0, description="How long to retry reaching the broker at start before exiting with an error."
     )
+    broker_probe_s: float = Field(2.0, gt=0, description="How often a running worker checks the broker answers.")
+    broker_lost_exit_s: float = Field(
+        300.0, ge=0, description="Broker unreachable this long: shut down cleanly, exit code 3 (0 = retry forever)."
+    )
+
+    # --- Security (stream_app/security.py maps these onto every Kafka client) -------
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka protocol of every client: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    sasl_username: str | None = Field(None, description="SASL user; required with SASL_*.")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password; required with SASL_*. Never logged; use the env var (flags show in ps)."
+    )
+    ssl_cafile: FilePath | None = Field(
+        None, description="PEM CA bundle the broker certificates are checked against. Unset: the system CAs."
+    )
+    ssl_certfile: FilePath | None = Field(None, description="PEM client certificate for mutual TLS (may hold the key).")
+    ssl_keyfile: FilePath | None = Field(None, description="PEM key of ssl_certfile, if not in it (unencrypted).")
+    ssl_check_hostname: bool = Field(
+        True, description="Check the broker certificate names the host dialled (the chain is always verified)."
+    )
 
     # --- State ----------------------------------------------------------------
     state_dir: Path = Field(Path("var/state"), description="RocksDB table directory (one per worker).")
@@ -47,6 +72,10 @@ class Settings(BaseSettings):
     dedupe_window: int = Field(
         256, ge=1, le=100_000, description="Recent event ids kept per user for redelivery dedupe."
     )
+    state_ttl_days: float = Field(
+        90.0, ge=0, description="Users with no event for this long are dropped from state (0 = keep forever)."
+    )
+    ttl_sweep_s: float = Field(600.0, gt=0, description="How often the TTL sweep scans this worker's users.")
 
     # --- Processing ---------------------------------------------------------
     batch_max: int = Field(500, ge=1, description="Max events per micro-batch.")
@@ -85,6 +114,35 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=0, le=65535, description="HTTP port of /metrics etc. (0 = pick free).")
     log_level: str = Field("info", description="Worker log level.")
 
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _security_is_consistent(self) -> "Settings":
+        """Refuse settings that would connect with less security than the user asked for
+        (credentials or certificates silently unused) or could never connect."""
+        proto = self.security_protocol
+        sasl, tls = proto.startswith("SASL_"), proto.endswith("SSL")
+        password = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        if sasl and not (self.sasl_username and password):
+            raise ValueError(f"security_protocol={proto} needs a user and password; set STREAMREC_SASL_USERNAME "
+                             "and STREAMREC_SASL_PASSWORD")
+        if not sasl and (self.sasl_username or password):
+            raise ValueError(f"SASL credentials are set but security_protocol={proto} does not use them; "
+                             "set STREAMREC_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT) or unset them")
+        files = [name for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(self, name)]
+        if files and not tls:
+            raise ValueError(f"{files[0]} is set but security_protocol={proto} does not use TLS; "
+                             "set STREAMREC_SECURITY_PROTOCOL=SSL (or SASL_SSL) or unset it")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile is set without a certificate; set STREAMREC_SSL_CERTFILE too")
+        if proto != "PLAINTEXT" and self.embedded:
+            raise ValueError(f"security_protocol={proto} needs STREAMREC_BOOTSTRAP_SERVERS: "
+                             "the embedded broker speaks PLAINTEXT only")
+        return self
+
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers.strip()
@@ -92,6 +150,11 @@ class Settings(BaseSettings):
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""
         return [self.events_topic, self.dlq_topic, self.recommendations_topic, self.catalog_topic]
+
+
+# Every command that opens a Kafka client offers these (produce and forget list their flags)
+SECURITY_FIELDS = ["security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+                   "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"]
 
 
 def add_settings_arguments(parser, only: list[str] | None = None) -> None:
@@ -115,7 +178,9 @@ def settings_from_args(args) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a cross-field check: its message already names the fix
+            raise UserError(err["msg"].removeprefix("Value error, ")) from None
+        name = str(err["loc"][0])
         raise UserError(f"invalid setting {name} ({err['msg']}); fix --{name.replace('_', '-')} "
                         f"or STREAMREC_{name.upper()}") from None
 

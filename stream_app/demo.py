@@ -106,9 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stream(args, settings: Settings, worker, console: Console, producer_cls, messages_fn) -> dict:
-    watcher = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic)
+    from stream_app.security import kafka_python_options
+
+    options = kafka_python_options(settings)
+    watcher = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, options=options)
     watcher.start()
-    producer = producer_cls(settings.bootstrap_servers, settings.events_topic)
+    producer = producer_cls(settings.bootstrap_servers, settings.events_topic, options)
     stop = threading.Event()
     msgs = itertools.takewhile(lambda _: not stop.is_set(),
                                messages_fn(args.users, args.items, args.seed, args.bad_rate))

@@ -10,7 +10,7 @@ import argparse
 import time
 import uuid
 
-from stream_app.config import add_settings_arguments, settings_from_args
+from stream_app.config import SECURITY_FIELDS, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
 
 EXAMPLES = """examples:
@@ -26,18 +26,20 @@ def forget_event(user_id: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("user_ids", nargs="+", metavar="USER_ID")
-    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic"])
+    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", *SECURITY_FIELDS])
 
 
 def run(args: argparse.Namespace) -> int:
     from stream_app.broker import wait_for_broker
     from stream_app.produce import EventProducer
+    from stream_app.security import kafka_python_options
 
     settings = settings_from_args(args)
     if settings.embedded:
         raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS or pass --bootstrap-servers")
-    wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s)
-    producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+    options = kafka_python_options(settings)
+    wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, options)
+    producer = EventProducer(settings.bootstrap_servers, settings.events_topic, options)
     for user_id in args.user_ids:
         producer.send_event(forget_event(user_id))
     producer.close()

@@ -12,7 +12,9 @@ import time
 from collections import deque
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+
+from pydantic import SecretStr
 
 from stream_app.broker import spawn, stop_process
 from stream_app.config import Settings
@@ -22,6 +24,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The STREAMREC_* environment that reproduces `settings` in a child process."""
     env = {}
     for name, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):  # model_dump keeps it masked ('**********')
+            value = value.get_secret_value()
         if value is not None:
             env[f"STREAMREC_{name.upper()}"] = str(value)
     return env
@@ -123,11 +127,12 @@ def metric_sum(metrics: dict[str, float], name: str) -> float:
 class TopicReader:
     """Reads every partition of a topic from the beginning, without a consumer group."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
+        """`options`: security arguments from stream_app.security.kafka_python_options."""
         from kafka import KafkaConsumer, TopicPartition
 
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                      auto_offset_reset="earliest", group_id=None)
+                                      auto_offset_reset="earliest", group_id=None, **(options or {}))
         deadline = time.monotonic() + 30
         partitions = None
         while not partitions and time.monotonic() < deadline:
@@ -152,6 +157,18 @@ class TopicReader:
             records.extend(self.poll())
         return records
 
+    def read_to_end(self, timeout: float = 60.0) -> list:
+        """Everything up to the end offsets as of now (a snapshot, even while others write)."""
+        tps = list(self.consumer.assignment())
+        ends = self.consumer.end_offsets(tps)
+        records: list = []
+        deadline = time.monotonic() + timeout
+        while any(self.consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {tps[0].topic} to its end in {timeout}s")
+            records.extend(self.poll())
+        return records
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -161,9 +178,10 @@ class RecommendationWatcher(threading.Thread):
     record per user (most recently updated last), (generated_at, latency_ms) samples and
     a count. A tombstone (forgotten user) drops the user's latest record."""
 
-    def __init__(self, bootstrap: str, topic: str, max_samples: int | None = 200_000) -> None:
+    def __init__(self, bootstrap: str, topic: str, max_samples: int | None = 200_000,
+                 options: dict[str, Any] | None = None) -> None:
         super().__init__(daemon=True)
-        self.reader = TopicReader(bootstrap, topic)
+        self.reader = TopicReader(bootstrap, topic, options)
         self.latest: dict[str, dict] = {}
         self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self.count = 0

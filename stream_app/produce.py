@@ -11,9 +11,9 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from stream_app.config import Settings, add_settings_arguments, settings_from_args
+from stream_app.config import SECURITY_FIELDS, Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
 from stream_app.events import encode_event
 from stream_app.hostile import malformed
@@ -30,12 +30,13 @@ EXAMPLES = """examples:
 class EventProducer:
     """kafka-python producer with a steady-rate pacer; counts what it sent."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
+        """`options`: security arguments from stream_app.security.kafka_python_options."""
         from kafka import KafkaProducer
 
         self.topic = topic
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks=1,
-                                      linger_ms=5, max_request_size=1_048_576)
+                                      linger_ms=5, max_request_size=1_048_576, **(options or {}))
         self.sent = 0
 
     def send(self, value: bytes, key: bytes | None) -> None:
@@ -110,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed messages (synthetic)")
-    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic"])
+    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic", *SECURITY_FIELDS])
 
 
 def catalog_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
@@ -132,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             raise UserError(f"{path} not found; create one with `streamrec synth --out FILE --catalog FILE`")
     from stream_app.broker import wait_for_broker
+    from stream_app.security import kafka_python_options
 
-    wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s)
+    options = kafka_python_options(settings)
+    wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, options)
     topic = settings.catalog_topic if args.catalog else settings.events_topic
-    producer = EventProducer(settings.bootstrap_servers, topic)
+    producer = EventProducer(settings.bootstrap_servers, topic, options)
     try:
         if args.catalog:
             sent = producer.paced(catalog_messages(args.catalog), args.rate, args.duration)
