@@ -38,20 +38,17 @@ def changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-users-changelog"
 
 
-def read_changelog(settings: Settings, idle_s: float = 3.0) -> dict[str, UserState]:
-    """The last value per user on the changelog (tombstones drop the user)."""
+def read_changelog(settings: Settings) -> dict[str, UserState]:
+    """The last value per user on the changelog up to its current end (tombstones drop the user)."""
     reader = TopicReader(settings.bootstrap_servers, changelog_topic(settings))
     table: dict[str, UserState] = {}
     try:
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < idle_s:
-            for r in reader.poll(200):
-                quiet_since = time.monotonic()
-                user = json.loads(r.key)
-                if r.value:
-                    table[user] = UserState.from_json(json.loads(r.value))
-                else:
-                    table.pop(user, None)
+        for r in reader.read_to_end():
+            user = json.loads(r.key)
+            if r.value:
+                table[user] = UserState.from_json(json.loads(r.value))
+            else:
+                table.pop(user, None)
     finally:
         reader.close()
     return table

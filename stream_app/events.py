@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
-# Control events: not behaviour, never stored. "forget" erases a user (right to be forgotten).
+# Control events: not behaviour, never stored. "forget" erases a user (right to be forgotten);
+# with "if_count" only if the user has exactly that many events (the TTL sweep's expiry).
 CONTROL_TYPES = ("forget",)
 
 # Closed set of DLQ reasons (metric label values).
@@ -45,6 +46,7 @@ class Event:
     item_id: str | None = None
     query: str | None = None
     session_id: str | None = None
+    if_count: int | None = None  # forget only: erase only if the user has exactly this many events (TTL)
 
 
 class InvalidEvent(Exception):
@@ -52,9 +54,11 @@ class InvalidEvent(Exception):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         assert reason in REASONS, reason
+        # the detail becomes a DLQ header (UTF-8): never let a lone surrogate through
+        detail = detail[:200].encode("utf-8", "backslashreplace").decode()
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-        self.detail = detail[:200]
+        self.detail = detail
 
 
 def _reject_constant(name: str) -> Any:
@@ -89,6 +93,11 @@ def _string(obj: dict, field: str, required: bool) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidEvent("wrong_type", f"{field} must be a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:  # JSON may escape a lone surrogate ("\\ud800"): valid JSON, but no UTF-8 can
+            value.encode()  # carry it, so it would crash the first key, header or changelog write
+        except UnicodeEncodeError:
+            raise InvalidEvent("invalid_utf8", f"{field} holds a lone surrogate escape") from None
     value = value.strip()
     if not value:
         raise InvalidEvent("empty_field", field)
@@ -102,15 +111,18 @@ def parse_ts(value: Any) -> float:
     if isinstance(value, bool) or value is None:
         raise InvalidEvent("invalid_timestamp", f"ts must be epoch seconds or ISO-8601, got {value!r}")
     if isinstance(value, (int, float)):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError:  # a JSON integer of hundreds of digits: valid JSON, no float holds it
+            raise InvalidEvent("invalid_timestamp", f"ts integer of {value.bit_length()} bits") from None
     elif isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            ts = dt.timestamp()
+        except (ValueError, OverflowError):
             raise InvalidEvent("invalid_timestamp", f"unparseable ts {value[:40]!r}") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        ts = dt.timestamp()
     else:
         raise InvalidEvent("invalid_timestamp", f"ts has type {type(value).__name__}")
     if not math.isfinite(ts) or not TS_MIN <= ts <= TS_MAX:
@@ -126,7 +138,8 @@ def validate(obj: dict) -> Event:
     if etype is None:
         raise InvalidEvent("missing_field", "type")
     if etype not in EVENT_TYPES and etype not in CONTROL_TYPES:
-        raise InvalidEvent("unknown_type", f"type {str(etype)[:40]!r} not in {EVENT_TYPES + CONTROL_TYPES}")
+        shown = repr(etype[:40]) if isinstance(etype, str) else type(etype).__name__  # never repr a deep structure
+        raise InvalidEvent("unknown_type", f"type {shown} not in {EVENT_TYPES + CONTROL_TYPES}")
     if "ts" not in obj:
         raise InvalidEvent("missing_field", "ts")
     ts = parse_ts(obj["ts"])
@@ -135,7 +148,10 @@ def validate(obj: dict) -> Event:
     query = _string(obj, "query", is_search)
     session_id = _string(obj, "session_id", False)
     if etype in CONTROL_TYPES:
-        return Event(event_id, user_id, etype, ts, session_id=session_id)
+        if_count = obj.get("if_count")
+        if if_count is not None and (isinstance(if_count, bool) or not isinstance(if_count, int) or if_count < 0):
+            raise InvalidEvent("wrong_type", "if_count must be a non-negative integer")
+        return Event(event_id, user_id, etype, ts, session_id=session_id, if_count=if_count)
     return Event(event_id, user_id, etype, ts, item_id if not is_search else None, query, session_id)
 
 

@@ -28,6 +28,7 @@ class Message:
     key: bytes | None
     value: bytes | None
     timestamp: float  # record timestamp, epoch seconds
+    partition: int = -1  # input partition (kept in state so the TTL sweep can address the user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class Outcome:
     recommendations: list[tuple[str, dict]] = field(default_factory=list)  # (user_id, record)
     accepted: Counter = field(default_factory=Counter)  # by event type
     duplicates: int = 0
+    expired: int = 0  # users erased by a TTL expiry (conditional forget)
 
 
 class BatchProcessor:
@@ -77,6 +79,7 @@ class BatchProcessor:
                     previous.append(ev.item_id)
             last_index, last_event = items[-1]
             if accepted:
+                state.touched, state.partition = self.clock(), messages[last_index].partition
                 out.writes[user_id] = (last_index, state.to_json())
             # re-publish even for a duplicate-only batch: the crash that caused the
             # redelivery may have lost the recommendation but not the state.
@@ -91,12 +94,19 @@ class BatchProcessor:
                    out: Outcome) -> tuple[list[tuple[int, Event]], UserState]:
         """The user's state, unless the batch holds a forget: then everything before the
         last forget is erased (state, cache, latest recommendations) and only later
-        events count, against empty state."""
+        events count, against empty state. A TTL expiry (forget with if_count) is
+        dropped if the user was active after the sweep saw them idle."""
+        state = UserState.from_json(load(user_id))
+        items = [(i, ev) for n, (i, ev) in enumerate(items) if ev.if_count is None
+                 or (ev.if_count == state.count and all(e.type == "forget" for _, e in items[:n]))]
         cut = max((n for n, (_, ev) in enumerate(items) if ev.type == "forget"), default=None)
         if cut is None:
-            return items, UserState.from_json(load(user_id))
+            return items, state
         out.forgets[user_id] = items[cut][0]
-        out.accepted["forget"] += 1
+        if items[cut][1].if_count is None:
+            out.accepted["forget"] += 1
+        else:
+            out.expired += 1
         self.recommender.forget(user_id)
         self.latest.forget(user_id)
         return [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"], UserState()
@@ -149,6 +159,8 @@ class BatchProcessor:
             metrics.DUPLICATES.inc(out.duplicates)
         if out.rekeyed:
             metrics.REKEYED.inc(len(out.rekeyed))
+        if out.expired:
+            metrics.EXPIRED_USERS.inc(out.expired)
         metrics.RECOMMENDATIONS.inc(len(out.recommendations))
 
 

@@ -28,16 +28,22 @@ class UserState:
     history: list[list] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
     count: int = 0  # events ever accepted: the history position KV caches are tagged with
+    # bookkeeping for the TTL sweep, not part of the behaviour (ignored by ==):
+    touched: float = field(default=0.0, compare=False)  # wall clock of the last accepted event
+    partition: int = field(default=-1, compare=False)  # input partition the user's events arrive on
 
     @classmethod
     def from_json(cls, value: dict | None) -> "UserState":
         if not value:
             return cls()
         history = list(value.get("h", []))
-        return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))))
+        touched = value.get("t") or (history[-1][2] if history else 0.0)  # older states: last event time
+        return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))),
+                   touched=float(touched), partition=int(value.get("p", -1)))
 
     def to_json(self) -> dict:
-        return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count}
+        return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count, "t": round(self.touched, 1),
+                "p": self.partition}
 
     def apply(self, events: Iterable[Event], history_max: int, dedupe_window: int) -> tuple[list[Event], int]:
         """Append events not seen before; return (accepted, duplicates).
@@ -80,3 +86,25 @@ class UserState:
 
         entries = self.history if last is None else self.history[max(0, len(self.history) - last):]
         return [RawEvent(e[0] or None, EVENT_TYPES[e[1]], float(e[2]), e[3] or None) for e in entries]
+
+
+def expiry_event(user_id: str, state: UserState, now: float) -> dict:
+    """The control event the TTL sweep sends for an idle user. It travels through the
+    input topic, on the user's partition, so it is ordered with the user's own events
+    and erases state, changelog, caches and latest recommendations the way a forget does;
+    `if_count` makes it a no-op if the user was active in the meantime."""
+    return {"type": "forget", "user_id": user_id, "event_id": f"ttl-{event_key(user_id)}-{state.count}",
+            "ts": round(now, 3), "if_count": state.count}
+
+
+def idle_users(entries: Iterable[tuple[str, dict | None]], cutoff: float, limit: int) -> list[tuple[str, UserState]]:
+    """Users whose last accepted event is older than `cutoff` (wall clock), at most `limit`."""
+    out = []
+    for user_id, value in entries:
+        if value:
+            state = UserState.from_json(value)
+            if state.touched < cutoff:
+                out.append((user_id, state))
+                if len(out) >= limit:
+                    break
+    return out

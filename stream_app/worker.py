@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
@@ -32,6 +33,7 @@ def run_worker(settings: Settings) -> int:
     from stream_app.app import create_app
     from stream_app.broker import kafka_for
     from stream_app.catalog import Catalog
+    from stream_app.health import EXIT_BROKER_LOST, BrokerWatch
     from stream_app.lifecycle import Lifecycle
 
     with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
@@ -39,15 +41,22 @@ def run_worker(settings: Settings) -> int:
             ready = ready.model_copy(update={"state_dir": Path(tmp)})
         ready.state_dir.mkdir(parents=True, exist_ok=True)
         catalog = Catalog()
-        app = create_app(ready, Lifecycle(ready, catalog), catalog)
+        watch = BrokerWatch(ready)
+        app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
               f"http://{ready.web_host}:{ready.web_port}/metrics", flush=True)
         worker = Worker(app, loglevel=ready.log_level, quiet=True)
+        code = 0
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:
-            return int(exc.code or 0)
-    return 0
+            code = int(exc.code or 0)
+        if watch.gave_up:
+            print(f"streamrec worker: Kafka at {ready.bootstrap_servers} unreachable for "
+                  f"{ready.broker_lost_exit_s:.0f} s; stopped (state is intact). Restart it when Kafka is back, "
+                  "or raise STREAMREC_BROKER_LOST_EXIT_S", file=sys.stderr, flush=True)
+            return EXIT_BROKER_LOST
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
