@@ -8,6 +8,7 @@ import importlib
 EXAMPLES = """examples:
   streamrec bench inference --json inference.json
   streamrec bench pipeline --json pipeline.json --plot pipeline.png
+  streamrec bench hostile --messages 100000 --json hostile.json
   streamrec bench chaos --kills 10 --events 50000 --json chaos.json
 """
 
@@ -15,6 +16,7 @@ EXAMPLES = """examples:
 BENCHES = {
     "inference": ("model.bench", "incremental KV-cache step vs full recompute, per event"),
     "pipeline": ("stream_app.bench_pipeline", "offered-load sweep against a live worker vs a naive baseline"),
+    "hostile": ("stream_app.bench_hostile", "malformed, redelivered and valid messages mixed: DLQ and state exact"),
     "chaos": ("stream_app.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
 }
 

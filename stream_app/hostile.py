@@ -31,6 +31,19 @@ def _with(**changes) -> Maker:
 
 _DROP = object()
 
+
+def _spliced(field: str, text: Callable[[random.Random], str]) -> Maker:
+    """A valid event whose `field` is raw JSON text that json.dumps would refuse to write
+    (Infinity, 5,000-digit integers, nesting deeper than the encoder recurses)."""
+    def make(rng: random.Random, n: int) -> bytes:
+        obj = {**_valid(rng, n), field: None}
+        return json.dumps(obj).replace(f'"{field}": null', f'"{field}": {text(rng)}', 1).encode()
+    return make
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
 # (maker, reason) — one entry per kind of damage
 CASES: list[tuple[Maker, str]] = [
     (lambda rng, n: bytes([0x80, 0xFF]) + rng.randbytes(rng.randrange(1, 64)), "pickle"),
@@ -57,6 +70,45 @@ CASES: list[tuple[Maker, str]] = [
     (_with(ts=-5), "invalid_timestamp"),
     (_with(ts="yesterday"), "invalid_timestamp"),
     (_with(ts=True), "invalid_timestamp"),
+    # random bytes: a leading 0xFF is never valid UTF-8 (and is not pickle's 0x80), so the
+    # reason is fixed; random ASCII after "~" is valid UTF-8 but can never start JSON
+    (lambda rng, n: b"\xff" + rng.randbytes(rng.randrange(0, 512)), "invalid_utf8"),
+    (lambda rng, n: b"~" + bytes(rng.randrange(32, 127) for _ in range(rng.randrange(0, 256))), "invalid_json"),
+    (lambda rng, n: json.dumps(_valid(rng, n)).encode("utf-16"), "invalid_utf8"),
+    (lambda rng, n: b"", "invalid_json"),
+    (lambda rng, n: b"\xef\xbb\xbf" + json.dumps(_valid(rng, n)).encode(), "invalid_json"),  # BOM
+    (lambda rng, n: json.dumps(_valid(rng, n)).replace('"view"', '"vi\new"').encode(), "invalid_json"),  # raw newline
+    (_with(user_id="u\ud800"), "invalid_utf8"),  # lone surrogate escape: valid JSON, not UTF-8-encodable
+    # non-finite and unrepresentable numbers
+    (_spliced("ts", lambda rng: "Infinity"), "invalid_json"),
+    (_spliced("ts", lambda rng: "-Infinity"), "invalid_json"),
+    (_spliced("ts", lambda rng: "1e999"), "invalid_timestamp"),  # parses as float inf
+    (_spliced("ts", lambda rng: "9" * rng.randrange(310, 4000)), "invalid_timestamp"),  # no float holds it
+    (_spliced("x", lambda rng: "9" * 4400), "invalid_json"),  # past Python's int digit limit
+    # deep nesting inside an otherwise valid object (recursion limit), and huge JSON
+    (_spliced("x", lambda rng: _nested(rng.randrange(5_000, 8_000))), "invalid_json"),
+    (_spliced("item_id", lambda rng: _nested(200)), "wrong_type"),
+    (_spliced("type", lambda rng: f'{{"k": {_nested(200)}}}'), "unknown_type"),
+    (lambda rng, n: json.dumps([_valid(rng, n)] * rng.randrange(700, 1000)).encode(), "too_large"),  # 70-100 KB
+    # oversized fields (each under the message cap)
+    (_with(user_id="u" * 129), "field_too_long"),
+    (_with(type="search", query=lambda rng: "q" * rng.randrange(513, 15_000)), "field_too_long"),
+    (_with(session_id="s" * 129), "field_too_long"),
+    # absurd timestamps
+    (_with(ts=32_503_680_000), "invalid_timestamp"),  # year 3000
+    (_with(ts="1900-01-01T00:00:00Z"), "invalid_timestamp"),
+    (_with(ts="+99999-01-01"), "invalid_timestamp"),
+    (_with(ts=[1_767_225_600]), "invalid_timestamp"),
+    (_with(ts=None), "invalid_timestamp"),
+    # wrong types and missing keys
+    (_with(event_id=lambda rng: {"id": rng.randrange(100)}), "wrong_type"),
+    (_with(type="search", query=7), "wrong_type"),
+    (_with(session_id=False), "wrong_type"),
+    (_with(type=3), "unknown_type"),
+    (_with(type=_DROP), "missing_field"),
+    (_with(user_id=None), "missing_field"),
+    (lambda rng, n: b"null", "not_object"),
+    (lambda rng, n: json.dumps(f"bad-{n}").encode(), "not_object"),
 ]
 
 

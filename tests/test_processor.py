@@ -1,8 +1,14 @@
 """Batch processing logic without Kafka: routing, dedupe, coalescing, the output record."""
 import json
+import random
+from itertools import pairwise
+
+from hypothesis import given, settings, strategies as st
 
 from model.cooccurrence import CoOccurrence
 from stream_app.config import Settings
+from stream_app.events import REASONS
+from stream_app.hostile import CASES
 from stream_app.processor import BatchProcessor, Message
 from stream_app.recommender import CoOccurrenceRecommender
 from stream_app.state import UserState
@@ -99,3 +105,52 @@ def test_baseline_never_recommends_unavailable_items():
     catalog.apply(b"x", _json.dumps({"item_id": "x", "available": False}).encode())
     again = dict(proc.process([msg("v", 1001, "a")], store.get).recommendations)["v"]
     assert "x" not in [i["item_id"] for i in again["items"]]
+
+
+# --- property: any interleaving of valid, malformed, redelivered and mis-keyed messages
+
+@st.composite
+def hostile_batches(draw):
+    """Messages in batches, and what each message is: ("good", user), ("bad", reason),
+    ("dup", original index) or ("rekey", user)."""
+    messages, kinds, good = [], [], []
+    for n in range(draw(st.integers(1, 60))):
+        kind = draw(st.sampled_from(["good", "good", "bad", "dup", "rekey"]))
+        if kind == "dup" and good:
+            original = good[draw(st.integers(0, len(good) - 1))]
+            messages.append(messages[original])
+            kinds.append(("dup", original))
+        elif kind == "bad":
+            make, reason = CASES[draw(st.integers(0, len(CASES) - 1))]
+            messages.append(Message(b"bad", make(random.Random(n), n), 1.0))
+            kinds.append(("bad", reason))
+        else:
+            user = draw(st.sampled_from(["a", "b", "c"]))
+            rekey = kind == "rekey"
+            messages.append(msg(user, n, key=b"elsewhere" if rekey else None))
+            kinds.append(("rekey" if rekey else "good", user))
+            if not rekey:
+                good.append(n)
+    cuts = sorted(draw(st.sets(st.integers(1, len(messages) - 1), max_size=8))) if len(messages) > 1 else []
+    return messages, kinds, [0, *cuts, len(messages)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(hostile_batches())
+def test_any_interleaving_dead_letters_bad_and_applies_good_exactly_once(case):
+    messages, kinds, bounds = case
+    store: dict = {}
+    dead, rekeyed, duplicates = [], [], 0
+    for lo, hi in pairwise(bounds):
+        out, store = run(messages[lo:hi], store)  # raises nothing, whatever the input
+        dead += [(lo + d.index, d.reason) for d in out.dead]
+        rekeyed += [lo + i for i, _ in out.rekeyed]
+        duplicates += out.duplicates
+    assert dead == [(i, k[1]) for i, k in enumerate(kinds) if k[0] == "bad"]  # each once, exact reason
+    assert all(reason in REASONS for _, reason in dead)
+    assert rekeyed == [i for i, k in enumerate(kinds) if k[0] == "rekey"]
+    assert duplicates == sum(k[0] == "dup" for k in kinds)
+    for user in "abc":
+        want = [f"i{i}" for i, k in enumerate(kinds) if k == ("good", user)]
+        state = UserState.from_json(store.get(user))
+        assert state.items() == want and state.count == len(want)
