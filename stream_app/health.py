@@ -7,8 +7,8 @@ so local state stays what the changelog says. `streamrec_broker_up` drops to 0, 
 turns 503 (stop routing lookups here) while /healthz stays 200 with the reason
 (restarting the worker would not bring Kafka back). When the broker answers again
 processing resumes by itself. After `broker_lost_exit_s` without an answer the worker
-shuts down cleanly and exits with EXIT_BROKER_LOST, so an orchestrator can alert and
-restart it when Kafka is back.
+shuts down (tables flushed and closed) and exits with EXIT_BROKER_LOST, so an
+orchestrator can alert and restart it when Kafka is back.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 
 from stream_app import metrics
@@ -73,7 +75,17 @@ class BrokerWatch:
                     await _close_quietly(client)
                     client = None
             await asyncio.sleep(self.settings.broker_probe_s)
-        log.error("broker unreachable for %.0f s (broker_lost_exit_s); shutting down", self.settings.broker_lost_exit_s)
+        self.give_up()
+
+    def give_up(self, grace_s: float = 10.0) -> None:
+        """Stop like SIGTERM does; Faust's shutdown can hang retrying a dead broker after
+        the tables are closed, so the process is ended after `grace_s` regardless."""
+        print(f"streamrec worker: Kafka at {self.settings.bootstrap_servers} unreachable for "
+              f"{self.settings.broker_lost_exit_s:.0f} s; stopping (state is intact). Restart it when Kafka is "
+              "back, or raise STREAMREC_BROKER_LOST_EXIT_S", file=sys.stderr, flush=True)
+        timer = threading.Timer(grace_s, os._exit, args=(EXIT_BROKER_LOST,))
+        timer.daemon = True
+        timer.start()
         os.kill(os.getpid(), signal.SIGTERM)
 
     def _client(self):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
@@ -51,10 +50,7 @@ def run_worker(settings: Settings) -> int:
             worker.execute_from_commandline()
         except SystemExit as exc:
             code = int(exc.code or 0)
-        if watch.gave_up:
-            print(f"streamrec worker: Kafka at {ready.bootstrap_servers} unreachable for "
-                  f"{ready.broker_lost_exit_s:.0f} s; stopped (state is intact). Restart it when Kafka is back, "
-                  "or raise STREAMREC_BROKER_LOST_EXIT_S", file=sys.stderr, flush=True)
+        if watch.gave_up:  # the watch said why, in one line
             return EXIT_BROKER_LOST
     return code
 
