@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   streamrec bench pipeline --json pipeline.json --plot pipeline.png
   streamrec bench hostile --messages 100000 --json hostile.json
   streamrec bench chaos --kills 10 --events 50000 --json chaos.json
+  streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -18,6 +19,7 @@ BENCHES = {
     "pipeline": ("stream_app.bench_pipeline", "offered-load sweep against a live worker vs a naive baseline"),
     "hostile": ("stream_app.bench_hostile", "malformed, redelivered and valid messages mixed: DLQ and state exact"),
     "chaos": ("stream_app.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
+    "soak": ("stream_app.bench_soak", "a steady stream for M minutes: worker RSS, state and cache over time"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from model.cache import topk
@@ -42,3 +43,13 @@ def assert_same_ranking(got: list[tuple[str, float]], want: list[tuple[str, floa
     clearly_in = {item for item, score in want if score > cutoff}
     missing = clearly_in - {item for item, _ in got}
     assert not missing, f"{missing} missing from {got} (offline {want})"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll `condition` until true; fail the test naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -17,21 +17,13 @@ from stream_app.harness import WorkerProcess, metric_sum
 from stream_app.harness import isolated_settings
 from stream_app.produce import EventProducer
 from stream_app.synth import generate
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def health(worker: WorkerProcess) -> dict:
     return json.loads(worker.get("/healthz"))
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def produce(settings, events: list[dict]) -> None:

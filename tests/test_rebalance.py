@@ -15,6 +15,7 @@ from stream_app.consistency import check
 from stream_app.harness import WorkerProcess
 from stream_app.produce import EventProducer
 from stream_app.synth import generate
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +25,6 @@ def owned(worker: WorkerProcess) -> list[int]:
         return json.loads(worker.get("/readyz"))["partitions"]
     except OSError:  # 503 while rebalancing, or not up yet
         return []
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, tmp_path):

@@ -1,0 +1,30 @@
+"""The soak benchmark's verdict and a short real run of it (the long one is in the README)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from stream_app.bench_soak import growth
+
+
+def test_growth_compares_the_ends_after_warmup():
+    flat = [{"t_s": t, "rss_mb": 100.0} for t in range(0, 100, 10)]
+    assert growth(flat, warmup_s=20) == 0.0
+    leaking = [{"t_s": t, "rss_mb": 100.0 + t} for t in range(0, 110, 10)]  # warm-up spike ignored
+    assert growth(leaking, warmup_s=50) == pytest.approx(100 * (100 - 50) / 150, abs=0.01)
+    assert math.isnan(growth(flat, warmup_s=1000))
+
+
+@pytest.mark.integration
+def test_short_soak_writes_samples_and_a_plot(tmp_path):
+    from stream_app.cli import main
+
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    code = main(["bench", "soak", "--minutes", "0.4", "--rate", "200", "--sample-s", "3", "--users", "300",
+                 "--items", "500", "--json", str(out), "--plot", str(png)])
+    result = json.loads(out.read_text())
+    assert result["worker_alive"] and png.stat().st_size > 10_000
+    assert len(result["samples"]) >= 5 and result["samples"][-1]["events"] > 0.8 * 200 * 0.4 * 60
+    assert code == (0 if result["rss_growth_pct"] < 5 else 1)
