@@ -12,6 +12,7 @@ Topics use the raw codec and tables JSON: Faust's pickle codec is never used
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -27,7 +28,7 @@ from stream_app.processor import BatchProcessor, Message, encode_record
 from stream_app.catalog import Catalog, follow as catalog_follow
 from stream_app.health import BrokerWatch
 from stream_app.lifecycle import Lifecycle
-from stream_app.state import expiry_event, idle_users
+from stream_app.state import expiry_event, idle_state
 from stream_app.security import aiokafka_options, faust_credentials
 from stream_app.transport import App
 
@@ -81,13 +82,20 @@ def faust_settings(settings: Settings) -> dict:
     )
 
 
+def rocksdb_options(settings: Settings) -> dict:
+    """Bounded RocksDB memory: each owned partition is its own DB with its own block cache
+    and memtables, so memory = partitions x (block cache + 3 memtables)."""
+    return {"block_cache_size": int(settings.state_block_cache_mb * 2**20),
+            "write_buffer_size": int(settings.state_write_buffer_mb * 2**20), "max_write_buffer_number": 3}
+
+
 def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broker_watch: BrokerWatch) -> faust.App:
     app = App(settings.app_id, **faust_settings(settings))
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
     events_topic = app.topic(settings.events_topic, **RAW)
     dlq_topic = app.topic(settings.dlq_topic, **RAW)
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
-    users = app.Table("users", default=None, partitions=settings.partitions)
+    users = app.Table("users", default=None, partitions=settings.partitions, options=rocksdb_options(settings))
     processor = BatchProcessor(settings, lifecycle.recommender)
     cap = settings.dlq_payload_cap
 
@@ -123,14 +131,23 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 
     @app.timer(settings.ttl_sweep_s)
     async def expire_idle_users() -> None:
-        """Bounded state: idle users get an expiry event on their own partition."""
+        """Bounded state: idle users get an expiry event on their own partition (at most
+        10,000 a sweep). The scan yields to the agent every 1,000 users, so a sweep over
+        millions of users adds no latency spike."""
         if not settings.state_ttl_days:
             return
         now = time.time()
-        for user_id, state in idle_users(users.items(), now - settings.state_ttl_days * 86_400, 10_000):
-            if state.partition >= 0:
+        cutoff, expiring = now - settings.state_ttl_days * 86_400, 0
+        for scanned, (user_id, value) in enumerate(users.items(), 1):
+            if scanned % 1000 == 0:
+                await asyncio.sleep(0)
+            state = idle_state(value, cutoff)
+            if state is not None and state.partition >= 0:
                 await events_topic.send(key=user_id.encode(), partition=state.partition,
                                         value=encode_event(expiry_event(user_id, state, now)))
+                expiring += 1
+                if expiring >= 10_000:
+                    return
 
     @app.task
     async def watch_broker() -> None:

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         90.0, ge=0, description="Users with no event for this long are dropped from state (0 = keep forever)."
     )
     ttl_sweep_s: float = Field(600.0, gt=0, description="How often the TTL sweep scans this worker's users.")
+    state_block_cache_mb: float = Field(
+        64.0, gt=0, description="RocksDB block cache per owned partition (Faust's default is 2 GB each)."
+    )
+    state_write_buffer_mb: float = Field(
+        16.0, gt=0, description="RocksDB memtable size; up to 3 per owned partition are held in memory."
+    )
 
     # --- Processing ---------------------------------------------------------
     batch_max: int = Field(500, ge=1, description="Max events per micro-batch.")

@@ -97,14 +97,9 @@ def expiry_event(user_id: str, state: UserState, now: float) -> dict:
             "ts": round(now, 3), "if_count": state.count}
 
 
-def idle_users(entries: Iterable[tuple[str, dict | None]], cutoff: float, limit: int) -> list[tuple[str, UserState]]:
-    """Users whose last accepted event is older than `cutoff` (wall clock), at most `limit`."""
-    out = []
-    for user_id, value in entries:
-        if value:
-            state = UserState.from_json(value)
-            if state.touched < cutoff:
-                out.append((user_id, state))
-                if len(out) >= limit:
-                    break
-    return out
+def idle_state(value: dict | None, cutoff: float) -> UserState | None:
+    """The user's state if their last accepted event is older than `cutoff` (wall clock)."""
+    if not value:
+        return None
+    state = UserState.from_json(value)
+    return state if state.touched < cutoff else None

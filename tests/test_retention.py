@@ -12,7 +12,7 @@ import pytest
 from stream_app.consistency import read_changelog
 from stream_app.harness import TopicReader, metric_sum
 from stream_app.produce import EventProducer
-from stream_app.state import UserState, expiry_event, idle_users
+from stream_app.state import UserState, expiry_event, idle_state
 from tests.test_processor import msg, run
 
 
@@ -39,11 +39,10 @@ def test_expiry_is_void_if_the_user_was_active_since_the_sweep():
     assert not out.forgets and "a" in out.writes
 
 
-def test_idle_users_uses_last_activity_and_a_limit():
-    states = {u: UserState(count=1, touched=t, partition=1).to_json() for u, t in (("old", 10.0), ("new", 99.0),
-                                                                                  ("older", 5.0))}
-    assert [u for u, _ in idle_users(states.items(), cutoff=50.0, limit=10)] == ["old", "older"]
-    assert len(idle_users(states.items(), cutoff=50.0, limit=1)) == 1
+def test_idle_state_uses_last_activity():
+    states = {u: UserState(count=1, touched=t, partition=1).to_json() for u, t in (("old", 10.0), ("new", 99.0))}
+    assert idle_state(states["old"], cutoff=50.0).partition == 1
+    assert idle_state(states["new"], cutoff=50.0) is None and idle_state(None, cutoff=50.0) is None
     legacy = {"h": [["i1", 0, 20.0, ""]], "ids": [], "n": 1}  # written before "t" existed: last event time
     assert UserState.from_json(legacy).touched == 20.0
 
@@ -87,3 +86,19 @@ def test_idle_users_expire_on_a_live_worker(make_settings, start_worker):
         producer.close()
     assert set(table) == {"active"} and table["active"].count > 5  # idle ones tombstoned, the active one kept
     assert tombstones == set(idle)
+
+
+def test_rocksdb_memory_is_bounded_by_settings(tmp_path):
+    """Faust gives every partition's DB a 2 GB block cache by default; ours come from settings."""
+    from stream_app.app import create_app
+    from stream_app.catalog import Catalog
+    from stream_app.config import Settings
+    from stream_app.health import BrokerWatch
+    from stream_app.lifecycle import Lifecycle
+
+    settings = Settings(bootstrap_servers="127.0.0.1:9", state_dir=tmp_path, state_block_cache_mb=8,
+                        state_write_buffer_mb=4)
+    catalog = Catalog()
+    app = create_app(settings, Lifecycle(settings, catalog), catalog, BrokerWatch(settings))
+    options = app.tables["users"].data.rocksdb_options
+    assert (options.block_cache_size, options.write_buffer_size, options.max_write_buffer_number) == (8 << 20, 4 << 20, 3)
