@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--items", type=int, default=24_000)
     parser.add_argument("--sample-s", type=float, default=10.0)
+    parser.add_argument("--stall-s", type=float, default=60.0, help="stop if nothing is processed for this long")
     parser.add_argument("--json", type=Path, default=Path("soak.json"))
     parser.add_argument("--plot", type=Path, default=Path("soak.png"))
 
@@ -45,6 +46,13 @@ def sample(worker, proc, state_dir: Path, t0: float) -> dict:
             "cache_slots": int(m.get('streamrec_cache_slots{state="used"}', 0)),
             "events": int(metric_sum(m, "streamrec_events_total")),
             "lag": int(metric_sum(m, "streamrec_consumer_lag"))}
+
+
+def stalled(samples: list[dict], window_s: float) -> bool:
+    """No event processed for `window_s` although events are waiting."""
+    recent = [s for s in samples if s["t_s"] >= samples[-1]["t_s"] - window_s]
+    return (samples[-1]["t_s"] - samples[0]["t_s"] >= window_s and recent[0]["events"] == recent[-1]["events"]
+            and recent[-1]["lag"] > 0)
 
 
 def growth(samples: list[dict], warmup_s: float) -> float:
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         feeding.start()
         try:
+            stalled_at = None
             while feeding.is_alive():
                 time.sleep(args.sample_s)
                 samples.append(sample(worker, proc, settings.state_dir, t0))
@@ -109,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"{s['t_s'] / 60:5.1f} min  rss {s['rss_mb']:7.1f} MB  state {s['state_mb']:7.1f} MB  "
                               f"users {s['users']:6d}  cache {s['cache_slots']:5d}  events {s['events']:9d}  "
                               f"lag {s['lag']}")
+                if stalled(samples, args.stall_s):
+                    stalled_at = s["t_s"] / 60
+                    console.print(f"no progress for {args.stall_s:.0f} s with {s['lag']} events waiting: stopping "
+                                  f"(worker log: {workdir / 'worker.log'})")
+                    break
             alive = worker.alive()
         finally:
             producer.close()
@@ -118,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
     result = {"minutes": args.minutes, "rate": args.rate, "warmup_minutes": warmup_s / 60, "rss_growth_pct": pct,
               "rss_mb_start": next((s["rss_mb"] for s in samples if s["t_s"] >= warmup_s), None),
               "rss_mb_end": samples[-1]["rss_mb"] if samples else None, "events_processed": sent,
-              "processed_per_s": round(sent / seconds, 1), "worker_alive": alive, "samples": samples}
+              "processed_per_s": round(sent / (samples[-1]["t_s"] if samples else seconds), 1), "worker_alive": alive,
+              "stalled_at_min": stalled_at, "samples": samples}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, warmup_s, args.plot)
-    ok = alive and pct == pct and pct < 5.0
+    ok = alive and stalled_at is None and pct == pct and pct < 5.0
     console.print(f"RSS growth after warm-up {pct}% ({result['rss_mb_start']} -> {result['rss_mb_end']} MB), "
                   f"{result['processed_per_s']} events/s processed; wrote {args.json} and {args.plot}"
-                  + ("" if ok else " — FAILED (growth >= 5% or worker died)"))
+                  + ("" if ok else " — FAILED (growth >= 5%, stalled or worker died)"))
     return 0 if ok else 1

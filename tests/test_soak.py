@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stream_app.bench_soak import growth
+from stream_app.bench_soak import growth, stalled
 
 
 def test_growth_compares_the_ends_after_warmup():
@@ -28,3 +28,9 @@ def test_short_soak_writes_samples_and_a_plot(tmp_path):
     assert result["worker_alive"] and png.stat().st_size > 10_000
     assert len(result["samples"]) >= 5 and result["samples"][-1]["events"] > 0.8 * 200 * 0.4 * 60
     assert code == (0 if result["rss_growth_pct"] < 5 else 1)
+
+
+def test_stall_means_no_progress_while_events_wait():
+    rows = [{"t_s": t, "events": min(t, 30) * 10, "lag": 5} for t in range(0, 100, 10)]
+    assert stalled(rows, 60) and not stalled(rows[:6], 60)
+    assert not stalled([{**r, "lag": 0} for r in rows], 60)  # idle, nothing waiting
