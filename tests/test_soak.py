@@ -31,6 +31,6 @@ def test_short_soak_writes_samples_and_a_plot(tmp_path):
 
 
 def test_stall_means_no_progress_while_events_wait():
-    rows = [{"t_s": t, "events": min(t, 30) * 10, "lag": 5} for t in range(0, 100, 10)]
+    rows = [{"t_s": t, "events": min(t, 30) * 100 + t // 10, "lag": 5} for t in range(0, 100, 10)]  # a trickle
     assert stalled(rows, 60) and not stalled(rows[:6], 60)
     assert not stalled([{**r, "lag": 0} for r in rows], 60)  # idle, nothing waiting
