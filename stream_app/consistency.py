@@ -80,6 +80,7 @@ class Verdict:
     duplicated: int  # users whose stored history holds an event twice
     differ: int  # users whose history has the right length but other content
     stale: int  # users whose latest recommendation does not answer their newest event
+    stored_events: int  # events ever accepted, summed over the users on the changelog
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -108,4 +109,5 @@ def check(settings: Settings, events: list[dict], timeout: float = 120.0) -> Ver
             differ.append(user)
     stale = sorted(u for u in newest if latest.get(u) != newest[u])
     return Verdict(len(want), len(lost), len(duplicated), len(differ), len(stale),
+                   sum(s.count for s in table.values()),
                    {"lost": lost[:5], "duplicated": duplicated[:5], "differ": differ[:5], "stale": stale[:5]})

@@ -57,4 +57,5 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(make_settings, tmp_path):
     settings = make_settings(history_max=500)
     outcome = run_chaos(settings, events, kills=2, rate=400, workdir=tmp_path, seed=1)
     assert [k["sent_at_kill"] for k in outcome["kills"]][0] < len(events)  # the first kill is mid-stream
-    assert outcome["verdict"].ok, outcome["verdict"]
+    assert outcome["verdict"].ok, (outcome["verdict"], outcome["kills"],
+                                   (tmp_path / "worker.log").read_text(errors="replace")[-4000:])
