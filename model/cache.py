@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from model.features import ItemIndex, encode
+from model.features import ItemIndex, encode, with_room
 from model.transformer import SeqRec
 
 
@@ -186,12 +186,13 @@ def topk(user_vectors: torch.Tensor, item_matrix: torch.Tensor, k: int,
 
 
 class ItemScorer:
-    """Caches the item matrix; recomputes it when the ItemIndex grows or content changes, so
-    catalog upserts are recommendable without retraining or restart."""
+    """Caches the item matrix and patches only the rows of items added or updated since (the
+    ItemIndex logs them), so a catalog upsert is recommendable at once, without retraining,
+    restart, or recomputing a million-item matrix."""
 
     def __init__(self, model: SeqRec, dtype: torch.dtype | None = None) -> None:
         self.model, self.dtype = model, dtype
-        self._src: Any = None
+        self._version = -1
         self._matrix: torch.Tensor | None = None
 
     @property
@@ -200,12 +201,22 @@ class ItemScorer:
 
     @torch.no_grad()
     def matrix(self) -> torch.Tensor:
-        src = self.items.tensors()[0]
-        if self._matrix is None or self._src is not src:
-            m = self.model.item_matrix()
-            self._matrix = m.to(self.dtype) if self.dtype is not None else m
-            self._src = src
-        return self._matrix
+        items, m = self.items, self._matrix
+        if m is not None and self._version == items.version:
+            return m
+        changed = None if m is None else items.changed_since(self._version)
+        if changed is None or len(changed) > len(items) // 4:
+            m = self._vectors(None)
+        else:
+            m = with_room(m, len(items))[: len(items)]
+            idx = torch.tensor(sorted(set(changed)), device=m.device)
+            m[idx] = self._vectors(idx)
+        self._matrix, self._version = m, items.version
+        return m
+
+    def _vectors(self, idx: torch.Tensor | None) -> torch.Tensor:
+        v = self.model.item_matrix(idx)
+        return v.to(self.dtype) if self.dtype is not None else v
 
     def topk(self, user_vectors: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None,
              blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,21 +3,27 @@
 One implementation serves two roles: the live worker's fallback (and the recommender
 before a transformer checkpoint exists), and `streamrec eval --baseline cooccurrence`.
 Counts are *directed* (p -> next item) and decay with distance in the sequence, because
-"what comes next" is the signal a sequential recommender must beat. Neighbour lists are
-pruned to bound memory; popularity backfills users with no usable neighbours.
+"what comes next" is the signal a sequential recommender must beat. Memory is bounded
+twice: each neighbour list is pruned to its strongest entries, and the total number of
+entries has a budget, enforced by dropping the least recently updated item's list (a
+live worker sees new items forever; without a total budget the fallback grew ~13 MB per
+100k events). Popularity backfills users with no usable neighbours.
 """
 from __future__ import annotations
 
 import heapq
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Iterable, Sequence
 
 
 class CoOccurrence:
-    def __init__(self, window: int = 5, max_neighbors: int = 200, popular_refresh: int = 1000) -> None:
+    def __init__(self, window: int = 5, max_neighbors: int = 200, popular_refresh: int = 1000,
+                 max_entries: int = 1_000_000) -> None:
         self.window = window
         self.max_neighbors = max_neighbors
-        self.pairs: dict[str, Counter] = defaultdict(Counter)
+        self.max_entries = max(max_entries, 2 * max_neighbors)
+        self.pairs: dict[str, Counter] = {}  # insertion order = least recently updated first
+        self.entries = 0  # sum of len(row) over pairs
         self.popularity: Counter = Counter()
         self._popular: list[tuple[str, float]] = []
         self._popular_refresh = popular_refresh
@@ -27,14 +33,24 @@ class CoOccurrence:
         """Learn from one interaction with `item`, preceded by `previous` (oldest first)."""
         self.popularity[item] += 1
         self._since_refresh += 1
+        if len(self.popularity) > self.max_entries:  # unknown item ids are valid events: bound them too
+            self.popularity = Counter(dict(self.popularity.most_common(self.max_entries // 2)))
         recent = previous[-self.window :]
         for distance, prev in enumerate(reversed(recent), start=1):
             if prev == item:
                 continue
-            row = self.pairs[prev]
+            row = self.pairs.pop(prev, None)  # re-inserted below: now the most recently updated
+            if row is None:
+                row = Counter()
+            before = len(row)
             row[item] += 1.0 / distance
             if len(row) > 2 * self.max_neighbors:
-                self.pairs[prev] = Counter(dict(row.most_common(self.max_neighbors)))
+                row = Counter(dict(row.most_common(self.max_neighbors)))
+            self.pairs[prev] = row
+            self.entries += len(row) - before
+        while self.entries > self.max_entries:
+            oldest = next(iter(self.pairs))
+            self.entries -= len(self.pairs.pop(oldest))
 
     def fit(self, sequences: Iterable[Sequence[str]]) -> "CoOccurrence":
         """Batch training for offline evaluation: replay each sequence in order."""

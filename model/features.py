@@ -87,6 +87,13 @@ class ItemIndex:
         self.meta: dict[str, dict] = {}
         self._content: list[list[int]] = [[]]
         self.n_trained = len(item_ids)
+        self._width = 1  # widest content row so far
+        # Every add() bumps `version` and logs the index it touched, so derived tensors (the
+        # token table here, the item matrix in ItemScorer) patch the changed rows instead of
+        # recomputing a million-item catalog on each upsert.
+        self.version = 0
+        self._log: list[int] = []
+        self._log_base = 0  # version of _log[0]
         self._tensors: tuple[int, torch.Tensor, torch.Tensor] | None = None
         for iid in item_ids:
             self.add(iid, (catalog or {}).get(iid))
@@ -108,9 +115,18 @@ class ItemIndex:
             self.ids.append(item_id)
             self.index[item_id] = idx
             self._content.append([])
-        self._content[idx] = content_tokens(self.meta.get(item_id), self.cfg)
-        self._tensors = None
+        self._content[idx] = tokens = content_tokens(self.meta.get(item_id), self.cfg)
+        self._width = max(self._width, len(tokens))
+        self._log.append(idx)
+        self.version += 1
+        if len(self._log) > 100_000:  # readers further behind than this rebuild everything
+            self._log_base, self._log = self.version, []
         return idx
+
+    def changed_since(self, version: int) -> list[int] | None:
+        """Indices added or updated after `version` (repeats possible); None: too old, rebuild."""
+        start = version - self._log_base
+        return None if start < 0 else self._log[start:]
 
     def lookup(self, item_id: str | None) -> int:
         return self.index.get(item_id, 0) if item_id is not None else 0
@@ -120,18 +136,40 @@ class ItemIndex:
         return bool(self.meta)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(id_row [N], content token ids [N, C]) for every index, cached until the index changes."""
-        if self._tensors is None or self._tensors[0] != len(self.ids):
-            n = len(self.ids)
-            id_row = torch.arange(n)
+        """(id_row [N], content token ids [N, C]) for every index, patched in place on upserts."""
+        cached = self._tensors
+        if cached is not None and cached[0] == self.version:
+            return cached[1], cached[2]
+        changed = None if cached is None else self.changed_since(cached[0])
+        if changed is None or cached[2].shape[1] < self._width:
+            id_row = torch.arange(len(self.ids))
             id_row[self.n_trained + 1 :] = 0
-            width = max(1, max(len(c) for c in self._content))
-            content = torch.zeros(n, width, dtype=torch.long)
-            for i, c in enumerate(self._content):
-                if c:
-                    content[i, : len(c)] = torch.tensor(c)
-            self._tensors = (len(self.ids), id_row, content)
-        return self._tensors[1], self._tensors[2]
+            content = torch.zeros(len(self.ids), self._width, dtype=torch.long)
+            self._write_content(content, range(1, len(self.ids)))
+        else:  # items added at serve time have no trained ID row: new rows stay 0
+            id_row, content = with_room(cached[1], len(self.ids)), with_room(cached[2], len(self.ids))
+            self._write_content(content, sorted(set(changed)))
+        n = len(self.ids)
+        self._tensors = (self.version, id_row[:n], content[:n])
+        return id_row[:n], content[:n]
+
+    def _write_content(self, content: torch.Tensor, indices) -> None:
+        indices = list(indices)
+        if indices:
+            width = content.shape[1]
+            rows = [(c := self._content[i]) + [0] * (width - len(c)) for i in indices]
+            content[torch.tensor(indices)] = torch.tensor(rows, dtype=content.dtype)
+
+
+def with_room(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t`, or a copy with spare rows (zeros) when it has fewer than `rows`: growing by a
+    quarter at a time keeps one-item catalog upserts from copying a 1M-row table each."""
+    base = t._base if t._base is not None else t  # views handed out keep their spare rows
+    if base.shape[0] >= rows:
+        return base
+    grown = base.new_zeros((max(rows, base.shape[0] * 5 // 4 + 1024), *base.shape[1:]))
+    grown[: base.shape[0]] = base
+    return grown
 
 
 @dataclass

@@ -104,8 +104,8 @@ class SeqRec(nn.Module):
         """ItemIndex tensors on the model's device, re-copied only when the index changed."""
         id_row, content = self.items.tensors()
         c = self._item_cache
-        if c.get("src") is not id_row or c.get("device") != self.device:
-            self._item_cache = c = {"src": id_row, "device": self.device,
+        if c.get("version") != self.items.version or c.get("device") != self.device:
+            self._item_cache = c = {"version": self.items.version, "device": self.device,
                                     "t": (id_row.to(self.device), content.to(self.device))}
         return c["t"]
 
@@ -117,9 +117,12 @@ class SeqRec(nn.Module):
             out = out + _bag_mean(self.content_emb, content[idx])
         return out
 
-    def item_matrix(self) -> torch.Tensor:
-        """[N, D] representations of every ItemIndex entry (row 0 = OOV)."""
-        return self.item_vectors(torch.arange(len(self.items), device=self.device))
+    def item_matrix(self, idx: torch.Tensor | None = None, chunk: int = 65_536) -> torch.Tensor:
+        """[N, D] representations of every ItemIndex entry (row 0 = OOV), or of `idx`; in
+        chunks, so a million-item catalog needs no [N, tokens, D] intermediate at once."""
+        if idx is None:
+            idx = torch.arange(len(self.items), device=self.device)
+        return torch.cat([self.item_vectors(idx[i : i + chunk]) for i in range(0, len(idx), chunk)])
 
     # ---- sequence side ---------------------------------------------------------------
     def embed(self, b: Batch) -> torch.Tensor:

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     ab_split: float = Field(0.5, ge=0.0, le=1.0, description="Share of users (by stable hash) in variant B.")
     model_poll_s: float = Field(5.0, gt=0, description="How often the model directories are checked.")
     cache_mb: float = Field(256.0, gt=0, description="KV-cache memory budget per served model, in MB.")
+    fallback_max_entries: int = Field(
+        1_000_000, ge=1000, description="Co-occurrence fallback budget: item-pair entries kept in total "
+                                        "(~64-120 bytes each); the least recently updated item's list goes first."
+    )
     device: str = Field("auto", description="Inference device: auto (CUDA if present), cpu, cuda, cuda:N.")
     max_steps_per_batch: int = Field(
         50, ge=1, description="A user with more new events than this in one batch is rebuilt instead of "

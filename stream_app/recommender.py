@@ -42,8 +42,8 @@ class CoOccurrenceRecommender:
 
     version = "cooccurrence-v1"
 
-    def __init__(self, variant: str = "default", window: int = 5) -> None:
-        self.model = CoOccurrence(window=window)
+    def __init__(self, variant: str = "default", window: int = 5, max_entries: int = 1_000_000) -> None:
+        self.model = CoOccurrence(window=window, max_entries=max_entries)
         self.variant = variant
         self.catalog = None  # set by Lifecycle: unavailable items are never recommended
 

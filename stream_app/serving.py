@@ -89,11 +89,12 @@ class ModelRecommender:
         self.n_slots = max(1, int(settings.cache_mb * 2**20) // per_slot)
         self.pool = KVCachePool(self.model, self.n_slots, device, dtype)
         self.scorer = ItemScorer(self.model)
+        self.scorer.matrix()  # before serving: the first batch must not pay for a 1M-item catalog
         self.vectors = torch.zeros(self.n_slots, cfg.dim, device=device, dtype=dtype)  # latest per slot
         self.slots = SlotLRU(self.n_slots)
         self.version: str = self.meta["version"]
         self.variant = variant
-        self.fallback = fallback or CoOccurrenceRecommender(variant)
+        self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries)
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
         # more new events than this in one batch: rebuild instead (an append holds at most W

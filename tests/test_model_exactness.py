@@ -160,6 +160,30 @@ def test_topk_exclusions_and_catalog_growth() -> None:
     assert new in top_all[0].tolist() and torch.isfinite(full).all()
 
 
+def test_item_matrix_patches_only_upserted_rows() -> None:
+    """Upserts (new items, content changes, a content row wider than any before) leave the
+    cached matrix and token table equal to a fresh rebuild, without recomputing other rows."""
+    model = make_model(window=4, layers=2, heads=2)
+    scorer = ItemScorer(model)
+    before = scorer.matrix().clone()
+    model.items.add("i3", {"title": "lamp", "category": "garden"})               # content change
+    model.items.add("new-1", {"title": "usb cable 2m", "category": "tech"})      # new item
+    changed = model.items.changed_since(0)
+    assert changed is not None and changed[-2:] == [model.items.lookup("i3"), model.items.lookup("new-1")]
+    patched = scorer.matrix()
+    assert torch.equal(patched, model.item_matrix())
+    untouched = [i for i in range(len(before)) if i != model.items.lookup("i3")]
+    assert torch.equal(patched[untouched], before[untouched])
+    model.items.add("new-2", {"title": " ".join(f"w{i}" for i in range(40)), "category": "a>b>c"})  # wider row
+    id_row, content = model.items.tensors()
+    fresh = ItemIndex(model.items.ids[1 : model.items.n_trained + 1], model.cfg, model.items.meta)
+    for iid in model.items.ids[model.items.n_trained + 1 :]:
+        fresh.add(iid, model.items.meta.get(iid))
+    assert torch.equal(id_row, fresh.tensors()[0]) and torch.equal(content, fresh.tensors()[1])
+    assert torch.allclose(scorer.matrix(), model.item_matrix(), atol=1e-6)  # wider padding: summation order
+    assert scorer.matrix() is scorer.matrix()                                    # cached when unchanged
+
+
 def test_bytes_per_slot_and_batch_rules() -> None:
     model = make_model(window=4, layers=2, heads=2)
     pool = KVCachePool(model, 3)

@@ -86,6 +86,20 @@ def test_cooccurrence_learns_what_comes_next():
     assert "c" not in [i for i, _ in model.recommend(["b"], k=3, exclude={"c"})]
 
 
+def test_cooccurrence_memory_has_a_total_budget():
+    """A live stream brings new items forever: the pair table stays within its entry budget,
+    evicting the least recently updated item's list, and still answers for recent items."""
+    model = CoOccurrence(window=3, max_neighbors=5, max_entries=200)
+    for n in range(5_000):
+        model.observe([f"x{n - 2}", f"x{n - 1}"], f"x{n}")
+        assert model.entries <= 200
+    assert model.entries == sum(len(row) for row in model.pairs.values())
+    assert "x0" not in model.pairs and model.recommend(["x4998"], k=1)[0][0] == "x4999"
+    for n in range(1_000):  # unknown item ids (valid events) cannot grow popularity without bound
+        model.observe([], f"new{n}")
+    assert len(model.popularity) <= 200
+
+
 def test_baseline_never_recommends_unavailable_items():
     import json as _json
 
