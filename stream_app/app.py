@@ -28,7 +28,6 @@ from stream_app.processor import BatchProcessor, Message, encode_record
 from stream_app.catalog import Catalog, follow as catalog_follow
 from stream_app.health import BrokerWatch
 from stream_app.lifecycle import Lifecycle
-from stream_app.outbox import Outbox
 from stream_app.state import expiry_event, idle_state
 from stream_app.security import aiokafka_options, faust_credentials
 from stream_app.transport import App
@@ -98,9 +97,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
     users = app.Table("users", default=None, partitions=settings.partitions, options=rocksdb_options(settings))
     processor = BatchProcessor(settings, lifecycle.recommender)
-    outbox = Outbox(app.producer)  # output records: one batch per partition per micro-batch
     cap = settings.dlq_payload_cap
-    dlq, recs, events = (t.get_topic_name() for t in (dlq_topic, recs_topic, events_topic))
 
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
@@ -110,24 +107,23 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
             out = processor.process(msgs, users.get)
             for dead in out.dead:
                 raw = msgs[dead.index].value or b""
-                outbox.add(dlq, msgs[dead.index].key, raw[:cap], headers=[
+                await dlq_topic.send(key=msgs[dead.index].key, value=raw[:cap], headers=[
                     ("streamrec-reason", dead.reason.encode()),
                     ("streamrec-detail", dead.detail.encode()),
                     ("streamrec-truncated", b"1" if len(raw) > cap else b"0"),
                 ])
             for index, user_id in out.rekeyed:
-                outbox.add(events, user_id.encode(), msgs[index].value)
+                await events_topic.send(key=user_id.encode(), value=msgs[index].value)
             for user_id, index in out.forgets.items():
                 with writing_for(batch[index]):
                     if user_id in users:
                         del users[user_id]  # changelog tombstone
-                outbox.add(recs, user_id.encode(), None)  # and on the output topic
+                await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
             for user_id, (index, value) in out.writes.items():
                 with writing_for(batch[index]):
                     users[user_id] = value
             for user_id, record in out.recommendations:
-                outbox.add(recs, user_id.encode(), encode_record(record))
-            await outbox.flush()
+                await recs_topic.send(key=user_id.encode(), value=encode_record(record))
 
     @app.task
     async def follow_catalog() -> None:
