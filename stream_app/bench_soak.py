@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         settings = isolated_settings(broker.bootstrap, "soak", workdir, model_dir=workdir / "model")
         worker = WorkerProcess(settings, workdir / "worker.log").start().wait_ready(120)
         proc = psutil.Process(worker.proc.pid)
-        producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+        # batched like a busy production producer: the embedded broker's memory store keeps
+        # every batch as an object, and one of a few records each is what it stalled on
+        producer = EventProducer(settings.bootstrap_servers, settings.events_topic, {"linger_ms": 50})
         feeding = threading.Thread(target=producer.paced, daemon=True,
                                    args=(synthetic_messages(args.users, args.items, seed=3), args.rate, seconds))
         t0 = time.monotonic()

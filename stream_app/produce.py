@@ -31,12 +31,13 @@ class EventProducer:
     """kafka-python producer with a steady-rate pacer; counts what it sent."""
 
     def __init__(self, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
-        """`options`: security arguments from stream_app.security.kafka_python_options."""
+        """`options`: security arguments from stream_app.security.kafka_python_options, or
+        producer settings to override (linger_ms)."""
         from kafka import KafkaProducer
 
         self.topic = topic
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, acks=1,
-                                      linger_ms=5, max_request_size=1_048_576, **(options or {}))
+        self.producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "enable_idempotence": False, "acks": 1,
+                                         "linger_ms": 5, "max_request_size": 1_048_576, **(options or {})})
         self.sent = 0
 
     def send(self, value: bytes, key: bytes | None) -> None:
