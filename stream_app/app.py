@@ -19,15 +19,17 @@ import time
 import weakref
 
 import faust
+from faust.types import TP
 from faust.streams import _current_event
 
-from stream_app import metrics
+from stream_app import memory, metrics
 from stream_app.config import Settings
 from stream_app.events import encode_event
 from stream_app.processor import BatchProcessor, Message, encode_record
 from stream_app.catalog import Catalog, follow as catalog_follow
 from stream_app.health import BrokerWatch
 from stream_app.lifecycle import Lifecycle
+from stream_app.offsets import OffsetGuard
 from stream_app.state import expiry_event, idle_state
 from stream_app.security import aiokafka_options, faust_credentials
 from stream_app.transport import App
@@ -99,9 +101,12 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     processor = BatchProcessor(settings, lifecycle.recommender)
     cap = settings.dlq_payload_cap
 
+    guard = OffsetGuard()
+
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
+            batch = await in_order(app, guard, batch)
             msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
             processor.recommender = lifecycle.recommender  # model swaps land between batches
             out = processor.process(msgs, users.get)
@@ -124,6 +129,13 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
                     users[user_id] = value
             for user_id, record in out.recommendations:
                 await recs_topic.send(key=user_id.encode(), value=encode_record(record))
+
+    @app.timer(1.0)
+    async def reread_holes() -> None:
+        guard.new_generation(app.consumer_generation_id)  # holes of a past assignment are not ours
+        for partition, offset in guard.overdue():
+            log.warning("partition %s: re-read from %s has not started; seeking again", partition, offset)
+            await seek(app, TP(settings.events_topic, partition), offset)
 
     @app.task
     async def follow_catalog() -> None:
@@ -160,6 +172,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     @app.timer(5.0)
     async def gauges() -> None:
         metrics.USERS.set(len(users))
+        export_memory(users)
         owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)
 
@@ -190,11 +203,46 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     return app
 
 
+async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]) -> list[faust.EventT]:
+    """The events of `batch` that continue their partition without a hole (see offsets.py);
+    for a hole, seek back so the missing messages are read again, in order."""
+    guard.new_generation(app.consumer_generation_id)
+    kept = []
+    for event in batch:
+        message = event.message
+        ok, seek_to = guard.admit(message.partition, message.offset)
+        if seek_to is not None:
+            metrics.OFFSET_HOLES.labels(str(message.partition)).inc()
+            log.warning("partition %s: offsets %s..%s never reached the agent; reading them again",
+                        message.partition, seek_to, message.offset - 1)
+            await seek(app, message.tp, seek_to)
+        if ok:
+            kept.append(event)
+    return kept
+
+
+async def seek(app: faust.App, tp: TP, offset: int) -> None:
+    try:
+        await app.consumer.seek(tp, offset)
+    except Exception as exc:  # revoked meanwhile: its new owner starts from the committed offset
+        log.warning("seek %s to %s failed: %s", tp, offset, exc)
+
+
 def owned_partitions(app: faust.App, topic: str) -> list[int]:
     """Partitions of `topic` this worker consumes now (and whose table shards it owns)."""
     owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
     metrics.ASSIGNED_PARTITIONS.set(len(owned))
     return owned
+
+
+def export_memory(table: faust.Table) -> None:
+    """streamrec_rocksdb_memory_bytes{kind} and streamrec_heap_bytes{state}: where RSS goes.
+
+    Faust has no public API for a table's open partition DBs; Store._dbs is its own map."""
+    for kind, size in memory.rocksdb_memory(getattr(table.data, "_dbs", {}).values()).items():
+        metrics.ROCKSDB_MEMORY.labels(kind).set(size)
+    for state, size in (memory.malloc_heap() or {}).items():
+        metrics.HEAP.labels(state).set(size)
 
 
 def export_lag(app: faust.App, topic: str) -> None:

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("soak.png"))
 
 
+ROCKSDB_KINDS = ("memtables", "table_readers", "block_cache")
+
+
 def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
 
@@ -45,7 +48,15 @@ def sample(worker, proc, state_dir: Path, t0: float) -> dict:
             "users": int(m.get("streamrec_users_in_state", 0)), "state_mb": round(dir_mb(state_dir), 1),
             "cache_slots": int(m.get('streamrec_cache_slots{state="used"}', 0)),
             "events": int(metric_sum(m, "streamrec_events_total")),
-            "lag": int(metric_sum(m, "streamrec_consumer_lag"))}
+            "lag": int(metric_sum(m, "streamrec_consumer_lag")),
+            **{f"rocksdb_{kind}_mb": mb(m, f'streamrec_rocksdb_memory_bytes{{kind="{kind}"}}') for kind in ROCKSDB_KINDS},
+            "rocksdb_mb": round(sum(mb(m, f'streamrec_rocksdb_memory_bytes{{kind="{k}"}}') for k in ROCKSDB_KINDS), 1),
+            "heap_in_use_mb": mb(m, 'streamrec_heap_bytes{state="in_use"}'),
+            "heap_free_mb": mb(m, 'streamrec_heap_bytes{state="free"}')}
+
+
+def mb(metrics: dict, name: str) -> float:
+    return round(metrics.get(name, 0) / 2**20, 1)
 
 
 def stalled(samples: list[dict], window_s: float) -> bool:
@@ -79,7 +90,10 @@ def plot(samples: list[dict], warmup_s: float, path: Path) -> None:
         ax.axvline(warmup_s / 60, color="grey", ls=":", label="end of warm-up")
         ax.set(xlabel="minutes", title=label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for key, label in (("heap_in_use_mb", "C heap in use"), ("heap_free_mb", "C heap free, kept"),
+                       ("rocksdb_mb", "RocksDB")):
+        axes[0].plot(t, [s.get(key, 0) for s in samples], lw=1, label=label)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -119,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                 s = samples[-1]
                 console.print(f"{s['t_s'] / 60:5.1f} min  rss {s['rss_mb']:7.1f} MB  state {s['state_mb']:7.1f} MB  "
                               f"users {s['users']:6d}  cache {s['cache_slots']:5d}  events {s['events']:9d}  "
-                              f"lag {s['lag']}")
+                              f"lag {s['lag']}  rocksdb {s['rocksdb_mb']:.0f} MB  "
+                              f"heap {s['heap_in_use_mb']:.0f}+{s['heap_free_mb']:.0f} free MB")
                 if stalled(samples, args.stall_s):
                     stalled_at = s["t_s"] / 60
                     console.print(f"no progress for {args.stall_s:.0f} s with {s['lag']} events waiting: stopping "

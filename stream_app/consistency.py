@@ -91,6 +91,14 @@ class Verdict:
         return asdict(self)
 
 
+def first_difference(user: str, got: list, want: list) -> str:
+    """Where two equal-length histories part, and whether it is an order or a content
+    difference: a failed run should say what went wrong, not only that it did."""
+    i = next(n for n, (g, w) in enumerate(zip(got, want)) if g != w)
+    kind = "reordered" if sorted(map(json.dumps, got)) == sorted(map(json.dumps, want)) else "replaced"
+    return f"{user}@{i}/{len(want)} {kind}: got {got[i:i + 3]} want {want[i:i + 3]}"
+
+
 def check(settings: Settings, events: list[dict], timeout: float = 120.0) -> Verdict:
     """Judge a finished run: wait for the newest recommendations, then compare the
     changelog with the replay. A history is compared entry by entry."""
@@ -106,7 +114,7 @@ def check(settings: Settings, events: list[dict], timeout: float = 120.0) -> Ver
         elif len(got.history) > len(state.history) or got.count > state.count:
             duplicated.append(user)
         elif got.history != state.history:
-            differ.append(user)
+            differ.append(first_difference(user, got.history, state.history))
     stale = sorted(u for u in newest if latest.get(u) != newest[u])
     return Verdict(len(want), len(lost), len(duplicated), len(differ), len(stale),
                    sum(s.count for s in table.values()),

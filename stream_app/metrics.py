@@ -38,6 +38,14 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 USERS = Gauge("streamrec_users_in_state", "Users held in this worker's state table.", registry=REGISTRY)
+OFFSET_HOLES = Counter(
+    "streamrec_offset_holes_total",
+    "Input offsets skipped by the consumer (seen around rebalances) and read again, by partition.",
+    ["partition"], registry=REGISTRY)
+ROCKSDB_MEMORY = Gauge("streamrec_rocksdb_memory_bytes", "RocksDB memory over the owned partitions' DBs, by kind.",
+                       ["kind"], registry=REGISTRY)
+HEAP = Gauge("streamrec_heap_bytes", "C heap (glibc malloc) bytes: in use, and free but not returned to the OS.",
+             ["state"], registry=REGISTRY)
 
 # --- model serving (transformer engine) -------------------------------------------
 CACHE_HITS = Counter("streamrec_cache_hits_total", "Refreshes served from a user's KV cache.", registry=REGISTRY)

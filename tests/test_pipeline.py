@@ -107,3 +107,9 @@ def test_redelivered_and_mis_keyed_events(make_settings, start_worker):
         time.sleep(0.5)
     assert sorted(lag) == [f'streamrec_consumer_lag{{partition="{p}",topic="{settings.events_topic}"}}'
                            for p in range(settings.partitions)]
+    # where the memory goes, read from the live RocksDB shards and the C heap on the same timer
+    m = worker.metrics()
+    assert m['streamrec_rocksdb_memory_bytes{kind="memtables"}'] > 0  # alice's state was written
+    assert {'streamrec_rocksdb_memory_bytes{kind="table_readers"}',
+            'streamrec_rocksdb_memory_bytes{kind="block_cache"}'} <= set(m)
+    assert m['streamrec_heap_bytes{state="in_use"}'] > 10 * 2**20

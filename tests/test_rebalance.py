@@ -50,5 +50,5 @@ def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, 
     assert taken_over_at < len(events), "the takeover happened after the stream ended; make the stream longer"
 
     verdict = check(a_settings, events)
-    assert verdict.ok, verdict
+    assert verdict.ok, json.dumps(verdict.to_dict(), indent=1)
     assert a.alive() and b.alive()
