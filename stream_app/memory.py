@@ -47,14 +47,10 @@ _LIBC = _libc()
 
 def malloc_heap() -> dict[str, int] | None:
     """glibc heap bytes: `in_use` by live allocations (mmapped ones included) and `free`
-    inside the heap but not given back to the OS. A free share that keeps growing is
-    fragmentation, not a leak. None where the C library is not glibc."""
+    inside the heap (resident: glibc returns little of it to the OS). A free share that
+    keeps growing is fragmentation, not a leak. None where the C library is not glibc."""
     if _LIBC is None:
         return None
     info = _LIBC.mallinfo2()
     return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
 
-
-def trim_heap() -> bool:
-    """Give free heap pages back to the OS (glibc malloc_trim); False where unavailable."""
-    return bool(_LIBC is not None and _LIBC.malloc_trim(0))
