@@ -13,8 +13,9 @@ The guard below sees every message the agent gets. The input topic has no compac
 and no transaction markers, so offsets of one partition arrive contiguous; a jump
 forward is a hole. The guard then drops the messages past the hole (they will be read
 again) and asks for a seek back to the first missing offset. Faust acks what is
-dropped, but its commit only advances over consecutive acked offsets, so nothing past
-the hole is committed before the hole is filled.
+dropped, but its commit only advances over consecutive acked offsets; the app also
+removes the hole from Faust's record of skipped offsets (which count as acked), so
+nothing past the hole is committed before the re-read fills it.
 """
 from __future__ import annotations
 
