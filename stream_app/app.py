@@ -105,6 +105,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
+        hold_commits_at_holes(app, guard)
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             batch = await in_order(app, guard, batch)
             msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
@@ -207,7 +208,6 @@ async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]
     """The events of `batch` that continue their partition without a hole (see offsets.py);
     for a hole, seek back so the missing messages are read again, in order."""
     guard.new_generation(app.consumer_generation_id)
-    hold_commits_at_holes(app, guard)
     kept = []
     for event in batch:
         message = event.message
@@ -226,8 +226,9 @@ async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]
 def hold_commits_at_holes(app: faust.App, guard: OffsetGuard) -> None:
     """Never commit a partition past an open hole. Faust acks messages it skips and the
     ones the guard drops, so its next commit could pass the hole, and a crash before the
-    re-read would lose it (`bench chaos` lost 9-11 users that way). Installed once on
-    Faust's own offset filter (Consumer._filter_committable_offsets, a private hook)."""
+    re-read would lose it (`bench chaos` lost 9-11 users that way). Installed once, when
+    the agent starts, on Faust's own offset filter (Consumer._filter_committable_offsets,
+    a private hook)."""
     consumer = app.consumer
     if getattr(consumer, "_streamrec_holds", False):
         return

@@ -44,13 +44,13 @@ def sample(worker, proc, state_dir: Path, t0: float) -> dict:
     from stream_app.harness import metric_sum
 
     m = worker.metrics()
+    rocksdb = {f"rocksdb_{kind}_mb": mb(m, f'streamrec_rocksdb_memory_bytes{{kind="{kind}"}}') for kind in ROCKSDB_KINDS}
     return {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "users": int(m.get("streamrec_users_in_state", 0)), "state_mb": round(dir_mb(state_dir), 1),
             "cache_slots": int(m.get('streamrec_cache_slots{state="used"}', 0)),
             "events": int(metric_sum(m, "streamrec_events_total")),
             "lag": int(metric_sum(m, "streamrec_consumer_lag")),
-            **{f"rocksdb_{kind}_mb": mb(m, f'streamrec_rocksdb_memory_bytes{{kind="{kind}"}}') for kind in ROCKSDB_KINDS},
-            "rocksdb_mb": round(sum(mb(m, f'streamrec_rocksdb_memory_bytes{{kind="{k}"}}') for k in ROCKSDB_KINDS), 1),
+            **rocksdb, "rocksdb_mb": round(sum(rocksdb.values()), 1),
             "heap_in_use_mb": mb(m, 'streamrec_heap_bytes{state="in_use"}'),
             "heap_free_mb": mb(m, 'streamrec_heap_bytes{state="free"}')}
 

@@ -4,18 +4,16 @@ Measured here (DESIGN.md invariant 3 was failing ~1 run in 2 of the rebalance te
 when a worker takes over partitions, faust-streaming 0.15 resumes the stream partitions
 *before* it seeks them to their committed offsets, and a handful of messages fetched in
 between never reach the agent (10 per partition in the run that showed it: offsets
-138-147 went missing, 148 arrived next). Nothing is lost in Kafka, but Faust can never
-commit past the hole either, so the missing events come back only at the next rebalance,
-when they are appended *after* newer ones: a user's history in the wrong order, or, if
-no rebalance follows, missing for good.
+138-147 went missing, 148 arrived next). Nothing is lost in Kafka; the missing events
+came back at the next rebalance, appended *after* newer ones (a user's history in the
+wrong order), or, where Faust had counted them as acked and committed past them, never.
 
 The guard below sees every message the agent gets. The input topic has no compaction
 and no transaction markers, so offsets of one partition arrive contiguous; a jump
 forward is a hole. The guard then drops the messages past the hole (they will be read
 again) and asks for a seek back to the first missing offset. Faust acks what is
-dropped, but its commit only advances over consecutive acked offsets; the app also
-removes the hole from Faust's record of skipped offsets (which count as acked), so
-nothing past the hole is committed before the re-read fills it.
+dropped, so the app also holds the partition's commits at an open hole (`holes`) and
+removes the hole from Faust's record of skipped offsets, which count as acked.
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ class _Hole:
     start: int  # first offset that never arrived: where to seek
     trigger: int  # the offset that revealed the hole; anything at or below it is a re-read
     asked_at: float
-    dropped: int = 0
 
 
 @dataclass
@@ -62,7 +59,6 @@ class OffsetGuard:
                 del self.holes[partition]
                 self.expected[partition] = offset + 1
                 return True, None
-            hole.dropped += 1
             return False, None
         want = self.expected.get(partition)
         if want is not None and offset > want:
