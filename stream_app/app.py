@@ -122,8 +122,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
                 await events_topic.send(key=user_id.encode(), value=msgs[index].value)
             for user_id, index in out.forgets.items():
                 with writing_for(batch[index]):
-                    if user_id in users:
-                        del users[user_id]  # changelog tombstone
+                    # unconditional: a redelivered forget must still send the tombstone
+                    # that a SIGKILL may have kept from the changelog after the local delete
+                    del users[user_id]
                 await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
             for user_id, (index, value) in out.writes.items():
                 with writing_for(batch[index]):

@@ -80,6 +80,10 @@ class BatchProcessor:
             last_index, last_event = items[-1]
             if accepted:
                 state.touched, state.partition = self.clock(), messages[last_index].partition
+            if accepted or dups:
+                # a duplicate-only batch is written too: after a SIGKILL the local RocksDB
+                # can hold writes whose changelog records were never sent, and the
+                # redelivery that finds them "seen" is the only chance to send them.
                 out.writes[user_id] = (last_index, state.to_json())
             # re-publish even for a duplicate-only batch: the crash that caused the
             # redelivery may have lost the recommendation but not the state.
