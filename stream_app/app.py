@@ -134,7 +134,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 
     @app.timer(1.0)
     async def reread_holes() -> None:
-        guard.new_generation(app.consumer_generation_id)  # holes of a past assignment are not ours
+        if guard.generation != app.consumer_generation_id:
+            return  # holes of a past assignment are not ours; the next batch starts afresh
         for partition, offset in guard.overdue():
             log.warning("partition %s: re-read from %s has not started; seeking again", partition, offset)
             await seek(app, TP(settings.events_topic, partition), offset)
@@ -208,7 +209,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]) -> list[faust.EventT]:
     """The events of `batch` that continue their partition without a hole (see offsets.py);
     for a hole, seek back so the missing messages are read again, in order."""
-    guard.new_generation(app.consumer_generation_id)
+    if guard.generation != app.consumer_generation_id:
+        guard.new_generation(app.consumer_generation_id, committed_offsets(app, batch[0].message.topic))
     kept = []
     for event in batch:
         message = event.message
@@ -222,6 +224,15 @@ async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]
         if ok:
             kept.append(event)
     return kept
+
+
+def committed_offsets(app: faust.App, topic: str) -> dict[int, int]:
+    """Committed offsets of `topic`'s assigned partitions, as Faust's post-rebalance seek
+    found them (Consumer._committed_offset, Faust's own record; partitions never
+    committed are absent)."""
+    assigned = app.consumer.assignment()
+    return {tp.partition: offset for tp, offset in app.consumer._committed_offset.items()
+            if tp.topic == topic and tp in assigned and offset}
 
 
 def hold_commits_at_holes(app: faust.App, guard: OffsetGuard) -> None:

@@ -43,11 +43,15 @@ class OffsetGuard:
     holes: dict[int, _Hole] = field(default_factory=dict)
     generation: int | None = None
 
-    def new_generation(self, generation: int) -> None:
+    def new_generation(self, generation: int, committed: dict[int, int] | None = None) -> None:
         """A rebalance moves partitions and rewinds each to its committed offset: what
-        was expected before means nothing after it."""
+        was expected before means nothing after it, and the committed offsets (where
+        known) are where each partition must start. A first message past its committed
+        offset is a hole like any other: one chaos run lost a partition's events from
+        offset ~1,700 to ~6,200 that way, unseen by a guard that took the first offset
+        it got as the start."""
         if generation != self.generation:
-            self.expected.clear()
+            self.expected = dict(committed or {})
             self.holes.clear()
             self.generation = generation
 

@@ -82,3 +82,11 @@ def test_a_new_generation_forgets_positions():
     assert g.admit(0, 900) == (True, None)
     g.new_generation(2)  # same generation: positions kept
     assert g.admit(0, 905) == (False, 901)
+
+
+def test_a_generation_starts_at_its_committed_offsets():
+    g = OffsetGuard(clock=Clock())
+    g.new_generation(3, committed={0: 1700, 1: 40})
+    assert feed(g, 1, [40, 41]) == [(40, True, None), (41, True, None)]
+    assert feed(g, 0, [6200]) == [(6200, False, 1700)]  # skipped from the start: read again
+    assert feed(g, 2, [9]) == [(9, True, None)]  # never committed: the first offset is the start
