@@ -22,7 +22,7 @@ import faust
 from faust.types import TP
 from faust.streams import _current_event
 
-from stream_app import memory, metrics
+from stream_app import memory, metrics, storage
 from stream_app.config import Settings
 from stream_app.events import encode_event
 from stream_app.processor import BatchProcessor, Message, encode_record
@@ -59,7 +59,7 @@ def faust_settings(settings: Settings) -> dict:
     """Faust/aiokafka knobs; timeouts short because Tansu joins a group only after them."""
     return dict(
         broker=[f"kafka://{h.strip()}" for h in settings.bootstrap_servers.split(",") if h.strip()],
-        store="rocksdb://",
+        store=storage.STORE_URL,
         datadir=str(settings.state_dir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
@@ -85,10 +85,11 @@ def faust_settings(settings: Settings) -> dict:
 
 
 def rocksdb_options(settings: Settings) -> dict:
-    """Bounded RocksDB memory: each owned partition is its own DB with its own block cache
-    and memtables, so memory = partitions x (block cache + 3 memtables)."""
-    return {"block_cache_size": int(settings.state_block_cache_mb * 2**20),
-            "write_buffer_size": int(settings.state_write_buffer_mb * 2**20), "max_write_buffer_number": 3}
+    """Bounded RocksDB memory: every partition DB of the worker shares one budget
+    (storage.py), whatever the number of partitions it owns."""
+    budget = storage.MemoryBudget.of(int(settings.state_memory_mb * 2**20), int(settings.state_memory_mb * 2**19))
+    return {"memory_budget": budget, "write_buffer_size": int(settings.state_write_buffer_mb * 2**20),
+            "max_write_buffer_number": 3}
 
 
 def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broker_watch: BrokerWatch) -> faust.App:
@@ -290,7 +291,8 @@ def export_memory(table: faust.Table) -> None:
     """streamrec_rocksdb_memory_bytes{kind} and streamrec_heap_bytes{state}: where RSS goes.
 
     Faust has no public API for a table's open partition DBs; Store._dbs is its own map."""
-    for kind, size in memory.rocksdb_memory(getattr(table.data, "_dbs", {}).values()).items():
+    store = table.data
+    for kind, size in memory.rocksdb_memory(getattr(store, "_dbs", {}).values(), store.rocksdb_options.budget).items():
         metrics.ROCKSDB_MEMORY.labels(kind).set(size)
     for state, size in (memory.malloc_heap() or {}).items():
         metrics.HEAP.labels(state).set(size)

@@ -76,11 +76,12 @@ class Settings(BaseSettings):
         90.0, ge=0, description="Users with no event for this long are dropped from state (0 = keep forever)."
     )
     ttl_sweep_s: float = Field(600.0, gt=0, description="How often the TTL sweep scans this worker's users.")
-    state_block_cache_mb: float = Field(
-        64.0, gt=0, description="RocksDB block cache per owned partition (Faust's default is 2 GB each)."
+    state_memory_mb: float = Field(
+        128.0, gt=0, description="RocksDB memory of the whole worker: block cache and memtables of all "
+        "its partitions, shared (half of it may be memtables)."
     )
     state_write_buffer_mb: float = Field(
-        16.0, gt=0, description="RocksDB memtable size; up to 3 per owned partition are held in memory."
+        16.0, gt=0, description="Size of one RocksDB memtable (at most half of state_memory_mb)."
     )
 
     # --- Processing ---------------------------------------------------------
@@ -128,6 +129,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _memtable_fits(self) -> "Settings":
+        """Memtables may use half the RocksDB budget; one larger than that would be flushed
+        the moment it filled, and the budget would not hold."""
+        if self.state_write_buffer_mb > self.state_memory_mb / 2:
+            raise ValueError(f"state_write_buffer_mb={self.state_write_buffer_mb:g} is over half of "
+                             f"state_memory_mb={self.state_memory_mb:g}; raise STREAMREC_STATE_MEMORY_MB or "
+                             "lower STREAMREC_STATE_WRITE_BUFFER_MB")
+        return self
 
     @model_validator(mode="after")
     def _security_is_consistent(self) -> "Settings":

@@ -1,8 +1,9 @@
 """What the worker's resident memory is made of, for operators and the soak benchmark.
 
 Python's own allocations are a small part of a worker's RSS (tracemalloc saw ~200 MB of
-1.2 GB in a soak); the rest is RocksDB (memtables, block cache, table readers: one set
-per owned partition) and the C heap, including memory freed but not returned to the OS.
+1.2 GB in a soak); the rest is RocksDB (memtables and table readers per owned partition,
+one block cache for the worker) and the C heap, including memory freed but not returned
+to the OS.
 Exporting both lets a growing RSS be attributed from a dashboard instead of a profiler.
 """
 from __future__ import annotations
@@ -11,19 +12,23 @@ import ctypes
 import ctypes.util
 from typing import Iterable
 
+from stream_app.storage import MemoryBudget
+
 ROCKSDB_PROPERTIES = {
     "memtables": "rocksdb.cur-size-all-mem-tables",
     "table_readers": "rocksdb.estimate-table-readers-mem",
-    "block_cache": "rocksdb.block-cache-usage",
 }
 
 
-def rocksdb_memory(dbs: Iterable) -> dict[str, int]:
-    """Bytes by kind, summed over the given rocksdict DBs (one per owned partition)."""
+def rocksdb_memory(dbs: Iterable, budget: MemoryBudget) -> dict[str, int]:
+    """Bytes by kind: memtables and table readers summed over the given rocksdict DBs (one
+    per owned partition), block cache from the worker's shared cache (every DB would
+    report that same cache; summing it would count it once per partition)."""
     total = dict.fromkeys(ROCKSDB_PROPERTIES, 0)
     for db in dbs:
         for kind, prop in ROCKSDB_PROPERTIES.items():
             total[kind] += db.property_int_value(prop) or 0
+    total["block_cache"] = budget.usage()["block_cache"]
     return total
 
 

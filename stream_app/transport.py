@@ -69,25 +69,35 @@ class _Transport(faust_aiokafka.Transport):
     Producer = _Producer
 
 
+_DEFERRED = ("resume_partitions", "perform_seek")
+
+
 @contextlib.contextmanager
 def seek_before_resume(consumer: Any) -> Iterator[None]:
     """While open, `consumer.resume_partitions` only remembers its partitions, and
     `consumer.perform_seek` resumes them once the seek has finished. Whatever is still
-    remembered on exit (no seek was asked for) is resumed then."""
+    remembered on exit (no seek was asked for) is resumed then. Nested, the inner context
+    hands its resumes to the outer one, which still holds them until its own seek."""
     pending: set = set()
     resume, perform_seek = consumer.resume_partitions, consumer.perform_seek
+    own = {name: vars(consumer)[name] for name in _DEFERRED if name in vars(consumer)}  # an outer context's
 
     async def seek_then_resume() -> None:
         await perform_seek()
-        resume(set(pending))
-        pending.clear()
+        if pending:
+            resume(set(pending))
+            pending.clear()
 
     consumer.resume_partitions = pending.update
     consumer.perform_seek = seek_then_resume
     try:
         yield
     finally:
-        del consumer.resume_partitions, consumer.perform_seek  # back to the class's methods
+        for name in _DEFERRED:  # back to what was there: an outer context's, or the class's methods
+            if name in own:
+                setattr(consumer, name, own[name])
+            else:
+                delattr(consumer, name)
         if pending:
             resume(set(pending))
 

@@ -89,16 +89,34 @@ def test_idle_users_expire_on_a_live_worker(make_settings, start_worker):
 
 
 def test_rocksdb_memory_is_bounded_by_settings(tmp_path):
-    """Faust gives every partition's DB a 2 GB block cache by default; ours come from settings."""
+    """Faust gives every partition's DB a 2 GB block cache by default; here all of the
+    worker's DBs share one budget from settings, memtables charged to it."""
+    from stream_app import storage
     from stream_app.app import create_app
     from stream_app.catalog import Catalog
     from stream_app.config import Settings
     from stream_app.health import BrokerWatch
     from stream_app.lifecycle import Lifecycle
 
-    settings = Settings(bootstrap_servers="127.0.0.1:9", state_dir=tmp_path, state_block_cache_mb=8,
+    settings = Settings(bootstrap_servers="127.0.0.1:9", state_dir=tmp_path, state_memory_mb=8,
                         state_write_buffer_mb=4)
     catalog = Catalog()
     app = create_app(settings, Lifecycle(settings, catalog), catalog, BrokerWatch(settings))
-    options = app.tables["users"].data.rocksdb_options
-    assert (options.block_cache_size, options.write_buffer_size, options.max_write_buffer_number) == (8 << 20, 4 << 20, 3)
+    store = app.tables["users"].data
+    assert isinstance(store, storage.Store)
+    options = store.rocksdb_options
+    assert (options.budget.total_bytes, options.budget.write_buffers.get_buffer_size()) == (8 << 20, 4 << 20)
+    assert (options.write_buffer_size, options.max_write_buffer_number) == (4 << 20, 3)
+    db = store._db_for_partition(0)  # opens a real partition DB with these options
+    for i in range(5_000):
+        db[f"user-{i}".encode()] = b"x" * 200
+    assert options.budget.usage()["memtables_reserved"] > 0  # its memtable is charged to the shared budget
+    assert options.budget.cache.get_usage() <= 9 << 20
+
+
+def test_memtable_larger_than_half_the_budget_is_refused():
+    import pydantic
+    from stream_app.config import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="STREAMREC_STATE_MEMORY_MB"):
+        Settings(state_memory_mb=16, state_write_buffer_mb=16)

@@ -42,6 +42,20 @@ def test_methods_are_restored_and_an_unsought_resume_still_happens():
     assert "resume_partitions" not in vars(consumer) and "perform_seek" not in vars(consumer)
 
 
+def test_nested_contexts_hold_resumes_until_the_outer_seek_and_restore_in_order():
+    consumer = RecordingConsumer()
+    with seek_before_resume(consumer):
+        outer_resume = consumer.resume_partitions
+        with seek_before_resume(consumer):
+            consumer.resume_partitions({"events-0"})
+            asyncio.run(consumer.perform_seek())  # the inner seek: the real one runs, nothing resumed yet
+        assert consumer.resume_partitions == outer_resume  # the outer context's deferral is back
+        assert consumer.calls == [("seek",)]
+        asyncio.run(consumer.perform_seek())
+    assert consumer.calls == [("seek",), ("seek",), ("resume", frozenset({"events-0"}))]
+    assert "resume_partitions" not in vars(consumer) and "perform_seek" not in vars(consumer)
+
+
 def test_the_app_recovers_with_the_fixed_order():
     app = App("transport-test", broker="kafka://localhost:1", store="memory://")
     assert isinstance(app.tables.recovery, _Recovery)
