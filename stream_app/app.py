@@ -87,7 +87,8 @@ def faust_settings(settings: Settings) -> dict:
 def rocksdb_options(settings: Settings) -> dict:
     """Bounded RocksDB memory: every partition DB of the worker shares one budget
     (storage.py), whatever the number of partitions it owns."""
-    budget = storage.MemoryBudget.of(int(settings.state_memory_mb * 2**20), int(settings.state_memory_mb * 2**19))
+    total = int(settings.state_memory_mb * 2**20)
+    budget = storage.MemoryBudget.of(total, memtable_bytes=total // 2)
     return {"memory_budget": budget, "write_buffer_size": int(settings.state_write_buffer_mb * 2**20),
             "max_write_buffer_number": 3}
 

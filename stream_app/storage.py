@@ -53,13 +53,9 @@ class BudgetedOptions(faust_rocksdb.RocksDBOptions):
         self.budget = budget
 
     def as_options(self) -> rocksdict.Options:
-        options = rocksdict.Options(raw_mode=True)
-        options.create_if_missing(True)
-        if self.max_open_files is not None:
-            options.set_max_open_files(self.max_open_files)
-        options.set_write_buffer_size(self.write_buffer_size)
-        options.set_max_write_buffer_number(self.max_write_buffer_number)
-        options.set_target_file_size_base(self.target_file_size_base)
+        """Faust's options, with memtables charged to the budget and a table factory on the
+        shared cache (a factory cannot be edited once set, so it is rebuilt like Faust's)."""
+        options = super().as_options()
         options.set_write_buffer_manager(self.budget.write_buffers)
         table = rocksdict.BlockBasedOptions()
         table.set_bloom_filter(self.bloom_filter_size, block_based=True)
