@@ -11,6 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# 0. jemalloc: the worker re-executes itself onto it (stream_app/allocator.py); with
+#    glibc's malloc its RSS grows with fragmentation over long runs.
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
+
 # 1. The torch pin first, from the CPU wheel index, in its own layer: pip would
 #    otherwise pull the multi-GB CUDA build, and code changes do not invalidate it.
 COPY requirements/cpu-torch.txt /tmp/requirements/cpu-torch.txt

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import psutil
     from rich.console import Console
 
+    from stream_app import allocator
     from stream_app.bench_pipeline import make_checkpoint
     from stream_app.broker import EmbeddedBroker
     from stream_app.harness import WorkerProcess, isolated_settings
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         settings = isolated_settings(broker.bootstrap, "soak", workdir, model_dir=workdir / "model")
         worker = WorkerProcess(settings, workdir / "worker.log").start().wait_ready(120)
         proc = psutil.Process(worker.proc.pid)
+        malloc = allocator.of_process(proc.pid)
+        console.print(f"worker allocator: {malloc}")
         # batched like a busy production producer: the embedded broker's memory store keeps
         # every batch as an object, and one of a few records each is what it stalled on
         producer = EventProducer(settings.bootstrap_servers, settings.events_topic, {"linger_ms": 50})
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
             worker.stop()
     pct = growth(samples, warmup_s)
     sent = samples[-1]["events"] if samples else 0
-    result = {"minutes": args.minutes, "rate": args.rate, "warmup_minutes": warmup_s / 60, "rss_growth_pct": pct,
+    result = {"minutes": args.minutes, "rate": args.rate, "users": args.users, "allocator": malloc,
+              "warmup_minutes": warmup_s / 60, "rss_growth_pct": pct,
               "rss_mb_start": next((s["rss_mb"] for s in samples if s["t_s"] >= warmup_s), None),
               "rss_mb_end": samples[-1]["rss_mb"] if samples else None, "events_processed": sent,
               "processed_per_s": round(sent / (samples[-1]["t_s"] if samples else seconds), 1), "worker_alive": alive,

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         16.0, gt=0, description="Size of one RocksDB memtable (at most half of state_memory_mb)."
     )
 
+    allocator: str = Field(
+        "auto", pattern="^(auto|jemalloc|glibc)$", description="C allocator of the worker: jemalloc keeps RSS "
+        "flat over long runs where glibc's fragments; auto = jemalloc where installed (apt-get install libjemalloc2)."
+    )
+
     # --- Processing ---------------------------------------------------------
     batch_max: int = Field(500, ge=1, description="Max events per micro-batch.")
     batch_wait_ms: float = Field(20.0, ge=0, description="Max wait to fill a micro-batch, in ms.")

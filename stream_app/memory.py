@@ -50,12 +50,40 @@ def _libc():
 _LIBC = _libc()
 
 
+def _mallctl():
+    """jemalloc's control function where jemalloc is the process's allocator (preloaded)."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except AttributeError:
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                        ctypes.c_size_t]
+    return mallctl
+
+
 def malloc_heap() -> dict[str, int] | None:
-    """glibc heap bytes: `in_use` by live allocations (mmapped ones included) and `free`
-    inside the heap (resident: glibc returns little of it to the OS). A free share that
-    keeps growing is fragmentation, not a leak. None where the C library is not glibc."""
+    """C heap bytes: `in_use` by live allocations and `free`: resident but not in use, which
+    the allocator keeps instead of returning to the OS. A free share that keeps growing is
+    fragmentation, not a leak. Read from jemalloc when it is the allocator, else from glibc
+    (mmapped blocks included); None where neither can say."""
+    mallctl = _mallctl()
+    if mallctl is not None:
+        return _jemalloc_heap(mallctl)
     if _LIBC is None:
         return None
     info = _LIBC.mallinfo2()
     return {"in_use": info.uordblks + info.hblkhd, "free": info.fordblks}
 
+
+def _jemalloc_heap(mallctl) -> dict[str, int] | None:
+    """jemalloc's stats are a snapshot taken when its epoch is advanced."""
+    epoch = ctypes.c_uint64(1)
+    mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.sizeof(epoch))
+    values = {}
+    for name in (b"stats.allocated", b"stats.resident"):
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if mallctl(name, ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+            return None  # a jemalloc built without statistics
+        values[name] = value.value
+    allocated, resident = values[b"stats.allocated"], values[b"stats.resident"]
+    return {"in_use": allocated, "free": max(0, resident - allocated)}

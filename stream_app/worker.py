@@ -24,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(settings: Settings) -> int:
-    """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards."""
+    """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards.
+
+    May first re-execute the process with jemalloc preloaded (stream_app.allocator)."""
+    from stream_app import allocator
+
+    running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
+
     import tempfile
 
     from faust import Worker
@@ -43,7 +49,7 @@ def run_worker(settings: Settings) -> int:
         watch = BrokerWatch(ready)
         app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
-              f"http://{ready.web_host}:{ready.web_port}/metrics", flush=True)
+              f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}", flush=True)
         worker = Worker(app, loglevel=ready.log_level, quiet=True)
         code = 0
         try:

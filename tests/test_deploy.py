@@ -202,6 +202,7 @@ def test_dockerfile_installs_cpu_torch_pin_first_as_non_root():
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["streamrec"\]', text, re.M)
+    assert re.search(r"^RUN apt-get .*install .*libjemalloc2", text, re.M)  # the worker's allocator
     ignore = (ROOT / ".dockerignore").read_text().split()
     for needed in ("!pyproject.toml", "!requirements/", "!stream_app/", "!model/"):
         assert needed in ignore

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from stream_app import allocator
 from stream_app.bench_soak import growth, stalled
 
 
@@ -26,6 +27,8 @@ def test_short_soak_writes_samples_and_a_plot(tmp_path):
                  "--items", "500", "--json", str(out), "--plot", str(png)])
     result = json.loads(out.read_text())
     assert result["worker_alive"] and png.stat().st_size > 10_000
+    # a real worker process re-executed itself onto jemalloc where it is installed (allocator=auto)
+    assert result["allocator"] == ("jemalloc" if allocator.find_jemalloc() else "glibc")
     assert len(result["samples"]) >= 5 and result["samples"][-1]["events"] > 0.8 * 200 * 0.4 * 60
     assert code == (0 if result["rss_growth_pct"] < 5 else 1)
 
