@@ -177,6 +177,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     @app.timer(5.0)
     async def gauges() -> None:
         metrics.USERS.set(len(users))
+        metrics.FALLBACK_ENTRIES.set(lifecycle.fallback.model.entries)
         export_memory(users)
         owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)

@@ -48,6 +48,7 @@ def sample(worker, proc, state_dir: Path, t0: float) -> dict:
     return {"t_s": round(time.monotonic() - t0, 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
             "users": int(m.get("streamrec_users_in_state", 0)), "state_mb": round(dir_mb(state_dir), 1),
             "cache_slots": int(m.get('streamrec_cache_slots{state="used"}', 0)),
+            "fallback_entries": int(m.get("streamrec_fallback_entries", 0)),
             "events": int(metric_sum(m, "streamrec_events_total")),
             "lag": int(metric_sum(m, "streamrec_consumer_lag")),
             **rocksdb, "rocksdb_mb": round(sum(rocksdb.values()), 1),

@@ -38,6 +38,9 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
 )
 USERS = Gauge("streamrec_users_in_state", "Users held in this worker's state table.", registry=REGISTRY)
+FALLBACK_ENTRIES = Gauge("streamrec_fallback_entries",
+                         "Item-pair entries in the co-occurrence fallback (bounded by fallback_max_entries).",
+                         registry=REGISTRY)
 OFFSET_HOLES = Counter(
     "streamrec_offset_holes_total",
     "Input offsets skipped by the consumer (seen around rebalances) and read again, by partition.",

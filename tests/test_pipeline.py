@@ -113,3 +113,4 @@ def test_redelivered_and_mis_keyed_events(make_settings, start_worker):
     assert {'streamrec_rocksdb_memory_bytes{kind="table_readers"}',
             'streamrec_rocksdb_memory_bytes{kind="block_cache"}'} <= set(m)
     assert m['streamrec_heap_bytes{state="in_use"}'] > 10 * 2**20
+    assert m["streamrec_fallback_entries"] == 1  # the pair (i1 -> i2), learnt once despite the redelivery
