@@ -7,7 +7,8 @@ sizes, between longer-lived RocksDB blocks; glibc serves them from its heaps onc
 dynamic mmap threshold has risen, and the holes they leave stay resident. Fixing the mmap
 threshold stops that but made batched inference 3-5x slower per event (every large
 tensor then costs fresh page faults). jemalloc keeps size classes apart and returns
-unused pages to the OS after a decay time, which is what RocksDB users do in production.
+unused pages to the OS after a decay time: the fix Cloudflare (Quicksilver, with tcmalloc)
+and LinkedIn (Venice) report for the same RocksDB fragmentation.
 
 An allocator has to be in place before the process's first malloc, so `ensure` re-executes
 the worker once with jemalloc preloaded (`LD_PRELOAD`). The process keeps its PID, so
@@ -41,13 +42,20 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
 
 
-def active() -> str:
-    """'jemalloc' when its `mallctl` is in the process (preloaded or linked), else 'glibc'."""
+def mallctl():
+    """jemalloc's control function where jemalloc is this process's allocator, else None."""
     try:
-        ctypes.CDLL(None).mallctl
-        return "jemalloc"
+        control = ctypes.CDLL(None).mallctl
     except AttributeError:
-        return "glibc"
+        return None
+    control.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                        ctypes.c_size_t]
+    return control
+
+
+def active() -> str:
+    """'jemalloc' when it is in the process (preloaded or linked), else 'glibc'."""
+    return "glibc" if mallctl() is None else "jemalloc"
 
 
 def of_process(pid: int) -> str:
@@ -84,4 +92,3 @@ def ensure(choice: str) -> str:
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
     raise AssertionError("unreachable")  # pragma: no cover
-

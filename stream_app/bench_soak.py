@@ -78,6 +78,17 @@ def growth(samples: list[dict], warmup_s: float) -> float:
     return round(100 * (last - first) / first, 2)
 
 
+def still_filling(samples: list[dict], warmup_s: float) -> list[str]:
+    """Bounded structures that grew more than 5% after warm-up: users in state, the
+    co-occurrence fallback (fills its entry budget over ~1M events), RocksDB (fills its
+    memory budget). Their growth counts in the RSS verdict but is by design."""
+    after = [s for s in samples if s["t_s"] >= warmup_s]
+    if len(after) < 2:
+        return []
+    return [key for key in ("users", "fallback_entries", "rocksdb_mb")
+            if after[-1].get(key, 0) > 1.05 * after[0].get(key, 0)]
+
+
 def plot(samples: list[dict], warmup_s: float, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -149,17 +160,21 @@ def run(args: argparse.Namespace) -> int:
             producer.close()
             worker.stop()
     pct = growth(samples, warmup_s)
+    filling = still_filling(samples, warmup_s)
     sent = samples[-1]["events"] if samples else 0
     result = {"minutes": args.minutes, "rate": args.rate, "users": args.users, "allocator": malloc,
               "warmup_minutes": warmup_s / 60, "rss_growth_pct": pct,
               "rss_mb_start": next((s["rss_mb"] for s in samples if s["t_s"] >= warmup_s), None),
               "rss_mb_end": samples[-1]["rss_mb"] if samples else None, "events_processed": sent,
               "processed_per_s": round(sent / (samples[-1]["t_s"] if samples else seconds), 1), "worker_alive": alive,
-              "stalled_at_min": stalled_at, "samples": samples}
+              "stalled_at_min": stalled_at, "bounded_still_filling": filling, "samples": samples}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(samples, warmup_s, args.plot)
     ok = alive and stalled_at is None and pct == pct and pct < 5.0
     console.print(f"RSS growth after warm-up {pct}% ({result['rss_mb_start']} -> {result['rss_mb_end']} MB), "
                   f"{result['processed_per_s']} events/s processed; wrote {args.json} and {args.plot}"
                   + ("" if ok else " — FAILED (growth >= 5%, stalled or worker died)"))
+    if filling:
+        console.print(f"note: still filling after warm-up (a bounded structure, not a leak; a longer "
+                      f"--warmup-minutes leaves it out): {', '.join(filling)}")
     return 0 if ok else 1

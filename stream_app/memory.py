@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 from typing import Iterable
 
+from stream_app import allocator
 from stream_app.storage import MemoryBudget
 
 ROCKSDB_PROPERTIES = {
@@ -50,23 +51,12 @@ def _libc():
 _LIBC = _libc()
 
 
-def _mallctl():
-    """jemalloc's control function where jemalloc is the process's allocator (preloaded)."""
-    try:
-        mallctl = ctypes.CDLL(None).mallctl
-    except AttributeError:
-        return None
-    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
-                        ctypes.c_size_t]
-    return mallctl
-
-
 def malloc_heap() -> dict[str, int] | None:
     """C heap bytes: `in_use` by live allocations and `free`: resident but not in use, which
     the allocator keeps instead of returning to the OS. A free share that keeps growing is
     fragmentation, not a leak. Read from jemalloc when it is the allocator, else from glibc
     (mmapped blocks included); None where neither can say."""
-    mallctl = _mallctl()
+    mallctl = allocator.mallctl()
     if mallctl is not None:
         return _jemalloc_heap(mallctl)
     if _LIBC is None:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from stream_app import allocator
-from stream_app.bench_soak import growth, stalled
+from stream_app.bench_soak import growth, stalled, still_filling
 
 
 def test_growth_compares_the_ends_after_warmup():
@@ -37,3 +37,10 @@ def test_stall_means_no_progress_while_events_wait():
     rows = [{"t_s": t, "events": min(t, 30) * 100 + t // 10, "lag": 5} for t in range(0, 100, 10)]  # a trickle
     assert stalled(rows, 60) and not stalled(rows[:6], 60)
     assert not stalled([{**r, "lag": 0} for r in rows], 60)  # idle, nothing waiting
+
+
+def test_bounded_structures_still_filling_after_warmup_are_named():
+    rows = [{"t_s": t, "users": 100, "fallback_entries": 1000 + 10 * t, "rocksdb_mb": 50.0} for t in range(0, 100, 10)]
+    assert still_filling(rows, warmup_s=30) == ["fallback_entries"]
+    full = [dict(r, fallback_entries=2000) for r in rows]
+    assert still_filling(full, warmup_s=30) == []
