@@ -21,19 +21,20 @@ demo: $(STAMP) jemalloc
 test: $(STAMP) prometheus jemalloc
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# promtool + prometheus for the deploy tests (Debian package); best effort off Debian/root.
-prometheus:
-	@command -v promtool >/dev/null 2>&1 || apt-get install -y -q prometheus >/dev/null 2>&1 \
-	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q prometheus >/dev/null 2>&1) \
-	  || echo "warning: could not install prometheus; run: apt-get install -y prometheus"
+# $(call apt_best_effort,CHECK,PACKAGE): install PACKAGE unless CHECK succeeds; best effort
+# off Debian/root (a warning, not a failure).
+apt_best_effort = @($(1)) >/dev/null 2>&1 || apt-get install -y -q $(2) >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null 2>&1) \
+	  || echo "warning: could not install $(2); run: apt-get install -y $(2)"
 
-# jemalloc for the worker (stream_app/allocator.py): flat RSS over long runs. Best effort;
-# without it the worker warns and runs on glibc malloc.
+# promtool + prometheus for the deploy tests (Debian package).
+prometheus:
+	$(call apt_best_effort,command -v promtool,prometheus)
+
+# jemalloc for the worker (stream_app/allocator.py): flat RSS over long runs. Without it
+# the worker warns and runs on glibc malloc.
 jemalloc:
-	@(/sbin/ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2) \
-	  || apt-get install -y -q libjemalloc2 >/dev/null 2>&1 \
-	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libjemalloc2 >/dev/null 2>&1) \
-	  || echo "warning: could not install jemalloc; run: apt-get install -y libjemalloc2"
+	$(call apt_best_effort,/sbin/ldconfig -p | grep -q libjemalloc.so.2,libjemalloc2)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -42,8 +43,12 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
 
 
+@functools.cache
 def mallctl():
-    """jemalloc's control function where jemalloc is this process's allocator, else None."""
+    """jemalloc's control function where jemalloc is this process's allocator, else None.
+
+    Looked up once: a process's allocator cannot change after it starts (a re-exec is a
+    new process), and the heap gauge asks every few seconds."""
     try:
         control = ctypes.CDLL(None).mallctl
     except AttributeError:

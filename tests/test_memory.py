@@ -64,4 +64,3 @@ def test_heap_breakdown_on_glibc():
     assert during["in_use"] > before["in_use"] + 50 * 2**20
     del blocks
     assert memory.malloc_heap()["in_use"] < during["in_use"] - 50 * 2**20
-
