@@ -99,11 +99,13 @@ def _tls_problem(bootstrap: str, ctx: ssl.SSLContext) -> str | None:
     return None
 
 
-def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | None = None) -> None:
+def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | None = None,
+                    source: str = "STREAMREC_BOOTSTRAP_SERVERS") -> None:
     """Bounded retry until the broker answers a metadata request, else a one-line UserError.
 
     A TCP probe comes first because kafka-python's client blocks for ~30 s on a dead port.
-    `options`: security arguments from stream_app.security.kafka_python_options."""
+    `options`: security arguments from stream_app.security.kafka_python_options; `source`:
+    where the user set `bootstrap`, named in the error as the thing to fix."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
@@ -134,7 +136,7 @@ def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | No
         )
     raise UserError(
         f"cannot reach Kafka at {bootstrap} after {timeout:.0f}s ({last}); start the broker "
-        "or fix STREAMREC_BOOTSTRAP_SERVERS (leave it empty to use the embedded broker)"
+        f"or fix {source} (leave it empty to use the embedded broker)"
     )
 
 
@@ -219,6 +221,19 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def broker_at(bootstrap: str, options: dict[str, Any] | None = None) -> Iterator[str]:
+    """Yield the address of a broker for a benchmark: `bootstrap` once it answers, or,
+    when empty, an embedded one that lives for the block. Long runs may need the former:
+    the embedded memory store stalls once a partition holds ~50k batches (README, Facts)."""
+    if bootstrap:
+        wait_for_broker(bootstrap, 30.0, options, source="--bootstrap")
+        yield bootstrap
+    else:
+        with EmbeddedBroker() as broker:
+            yield broker.bootstrap
 
 
 @contextlib.contextmanager

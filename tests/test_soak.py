@@ -19,13 +19,25 @@ def test_growth_compares_the_ends_after_warmup():
 
 
 @pytest.mark.integration
-def test_short_soak_writes_samples_and_a_plot(tmp_path):
+def test_short_soak_writes_samples_and_a_plot(tmp_path, broker):
+    """On a broker it did not start (--bootstrap), as a long run on a real Kafka would be."""
+    from kafka import KafkaConsumer, TopicPartition
+
     from stream_app.cli import main
 
     out, png = tmp_path / "soak.json", tmp_path / "soak.png"
     code = main(["bench", "soak", "--minutes", "0.4", "--rate", "200", "--sample-s", "3", "--users", "300",
-                 "--items", "500", "--json", str(out), "--plot", str(png)])
+                 "--items", "500", "--bootstrap", broker.bootstrap, "--json", str(out), "--plot", str(png)])
     result = json.loads(out.read_text())
+    assert result["broker"] == broker.bootstrap and result["topic"].startswith("soak-")
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    try:  # the run's own topic, on the broker it was given, holds what was sent
+        parts = consumer.partitions_for_topic(result["topic"])
+        ends = consumer.end_offsets([TopicPartition(result["topic"], p) for p in parts])
+    finally:
+        consumer.close()
+    # within a batch of the count processed: Tansu's high watermark is its last batch's base + 1
+    assert sum(ends.values()) > 0.9 * result["samples"][-1]["events"] > 0
     assert result["worker_alive"] and png.stat().st_size > 10_000
     # a real worker process re-executed itself onto jemalloc where it is installed (allocator=auto)
     assert result["allocator"] == ("jemalloc" if allocator.find_jemalloc() else "glibc")
