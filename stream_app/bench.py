@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   streamrec bench hostile --messages 100000 --json hostile.json
   streamrec bench chaos --kills 10 --events 50000 --json chaos.json
   streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
+  streamrec bench broker --json broker.json
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -20,6 +21,7 @@ BENCHES = {
     "hostile": ("stream_app.bench_hostile", "malformed, redelivered and valid messages mixed: DLQ and state exact"),
     "chaos": ("stream_app.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
     "soak": ("stream_app.bench_soak", "a steady stream for M minutes: worker RSS, state and cache over time"),
+    "broker": ("stream_app.bench_broker", "embedded broker: fetch latency as a partition's stored batches grow"),
 }
 
 

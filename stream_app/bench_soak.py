@@ -64,13 +64,6 @@ def mb(metrics: dict, name: str) -> float:
     return round(metrics.get(name, 0) / 2**20, 1)
 
 
-def stalled(samples: list[dict], window_s: float) -> bool:
-    """Under one event/s processed for `window_s` although events are waiting."""
-    recent = [s for s in samples if s["t_s"] >= samples[-1]["t_s"] - window_s]
-    return (samples[-1]["t_s"] - samples[0]["t_s"] >= window_s
-            and recent[-1]["events"] - recent[0]["events"] < window_s and recent[-1]["lag"] > 0)
-
-
 def growth(samples: list[dict], warmup_s: float) -> float:
     """RSS growth after warm-up, in %: the last minute's mean vs the first minute's after warm-up."""
     after = [s for s in samples if s["t_s"] >= warmup_s]
@@ -122,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from stream_app.bench_pipeline import make_checkpoint
     from stream_app.broker import broker_at
     from stream_app.config import Settings
-    from stream_app.harness import WorkerProcess, isolated_settings
+    from stream_app.harness import WorkerProcess, isolated_settings, stalled
     from stream_app.produce import EventProducer, synthetic_messages
     from stream_app.security import kafka_python_options
 

@@ -20,13 +20,19 @@ from rich.table import Table
 
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
-from stream_app.harness import RecommendationWatcher, metric_sum, percentile
+from stream_app.harness import RecommendationWatcher, metric_sum, percentile, stalled
 
 EXAMPLES = """examples:
   streamrec demo                         # until Ctrl-C
   streamrec demo --duration 60 --json demo.json
   streamrec demo --rate 1000 --users 5000 --items 20000
 """
+
+# The embedded broker lists every stored batch of a partition on each fetch and returns
+# nothing once that outlasts the fetch wait (README, Facts), so its life is counted in
+# batches: at 300 events/s, 50 ms batches are ~16 per partition per second, 5 ms ~49.
+EMBEDDED_PRODUCER = {"linger_ms": 50, "batch_size": 256 * 1024}
+STALL_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +66,7 @@ def _snapshot(worker, watcher: RecommendationWatcher, sent: int, started: float)
     elapsed = time.monotonic() - started
     events = int(metric_sum(m, "streamrec_events_total"))
     return {"elapsed_s": round(elapsed, 1), "sent": sent, "events": events,
+            "lag": int(metric_sum(m, "streamrec_consumer_lag")),
             "events_per_s": round(events / elapsed, 1) if elapsed else 0.0,
             "recommendations": watcher.count, "dlq": int(metric_sum(m, "streamrec_invalid_events_total")),
             "users": int(m.get("streamrec_users_in_state", 0)), "p50_ms": p50, "p99_ms": p99}
@@ -98,20 +105,44 @@ def run(args: argparse.Namespace) -> int:
         try:
             with console.status("starting worker (joins its consumer group in ~5-10 s)..."):
                 worker.wait_ready()
-            summary = _stream(args, ready, worker, console, EventProducer, synthetic_messages)
+            summary = _stream(args, ready, worker, console, EventProducer, synthetic_messages, settings.embedded)
         finally:
             worker.stop()
     _report(summary, console, args.json)
     return 0
 
 
-def _stream(args, settings: Settings, worker, console: Console, producer_cls, messages_fn) -> dict:
+class StallWarning:
+    """Says once, in one line, when the worker stops making progress with events waiting:
+    on the embedded broker that is its memory store's limit, and a silent view would
+    look like a hung worker."""
+
+    def __init__(self, console: Console, embedded: bool) -> None:
+        self.console, self.embedded = console, embedded
+        self.samples: list[dict] = []
+        self.at_s: float | None = None
+
+    def check(self, snap: dict) -> None:
+        if self.at_s is not None or (self.samples and snap["elapsed_s"] - self.samples[-1]["t_s"] < 5):
+            return
+        self.samples.append({"t_s": snap["elapsed_s"], "events": snap["events"], "lag": snap["lag"]})
+        if stalled(self.samples, STALL_S):
+            self.at_s = snap["elapsed_s"]
+            why = ("the embedded broker stops serving a partition that holds ~50k batches (README, Facts): "
+                   "restart the demo, or run it on a real Kafka (STREAMREC_BOOTSTRAP_SERVERS)"
+                   if self.embedded else "check the worker log and the broker")
+            self.console.print(f"no events processed for {STALL_S:.0f} s with {snap['lag']} waiting; {why}")
+
+
+def _stream(args, settings: Settings, worker, console: Console, producer_cls, messages_fn, embedded: bool) -> dict:
     from stream_app.security import kafka_python_options
 
     options = kafka_python_options(settings)
     watcher = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, options=options)
     watcher.start()
-    producer = producer_cls(settings.bootstrap_servers, settings.events_topic, options)
+    producer = producer_cls(settings.bootstrap_servers, settings.events_topic,
+                            {**(EMBEDDED_PRODUCER if embedded else {}), **options})
+    stall = StallWarning(console, embedded)
     stop = threading.Event()
     msgs = itertools.takewhile(lambda _: not stop.is_set(),
                                messages_fn(args.users, args.items, args.seed, args.bad_rate))
@@ -123,19 +154,23 @@ def _stream(args, settings: Settings, worker, console: Console, producer_cls, me
         if console.is_terminal:
             with Live(console=console, refresh_per_second=4) as live:
                 while time.monotonic() < deadline:
-                    live.update(_view(_snapshot(worker, watcher, producer.sent, started), watcher))
+                    snap = _snapshot(worker, watcher, producer.sent, started)
+                    live.update(_view(snap, watcher))
+                    stall.check(snap)
                     time.sleep(0.25)
         else:  # logs and CI: a plain status line every 5 s
             while time.monotonic() < deadline:
                 time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-                console.print(json.dumps(_snapshot(worker, watcher, producer.sent, started)))
+                snap = _snapshot(worker, watcher, producer.sent, started)
+                console.print(json.dumps(snap))
+                stall.check(snap)
     except KeyboardInterrupt:
         pass
     stop.set()
     thread.join(5)
     producer.close()
     time.sleep(2.0)  # let the tail of the stream come through
-    summary = _snapshot(worker, watcher, producer.sent, started)
+    summary = {**_snapshot(worker, watcher, producer.sent, started), "stalled_at_s": stall.at_s}
     watcher.close()
     return summary
 

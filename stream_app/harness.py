@@ -209,6 +209,14 @@ class RecommendationWatcher(threading.Thread):
         self.join(5)
 
 
+def stalled(samples: list[dict], window_s: float) -> bool:
+    """Under one event/s processed for `window_s` although events are waiting: samples of
+    `t_s`, `events` processed and consumer `lag`, oldest first."""
+    recent = [s for s in samples if s["t_s"] >= samples[-1]["t_s"] - window_s]
+    return (samples[-1]["t_s"] - samples[0]["t_s"] >= window_s
+            and recent[-1]["events"] - recent[0]["events"] < window_s and recent[-1]["lag"] > 0)
+
+
 def percentile(sorted_data: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted data (nan when empty)."""
     if not sorted_data:

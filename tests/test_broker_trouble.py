@@ -74,3 +74,19 @@ def test_broker_gone_for_good_exits_cleanly_with_code_3(tmp_path):
     assert code == 3, worker.log_tail()
     said = [line for line in worker.log_path.read_text().splitlines() if "streamrec worker: Kafka" in line]
     assert len(said) == 1 and "unreachable for 4 s" in said[0] and "Restart it when Kafka is back" in said[0], said
+
+
+def test_embedded_broker_starves_a_fetch_shorter_than_its_partition_listing(tmp_path):
+    """The limit the soak's and the demo's producer batching work around (README, Facts),
+    scaled down: Tansu lists every batch of the partition on each fetch and stops at the
+    fetch wait, so with a 1 ms wait 6,000 batches are already too many to get the newest
+    records, while the worker's 50 ms wait still gets them. If this fails after a Tansu
+    upgrade, the listing was fixed: the limit and those workarounds can go."""
+    from stream_app.cli import main
+
+    out = tmp_path / "broker.json"
+    assert main(["bench", "broker", "--levels", "100,6000", "--waits", "1,50", "--probe-timeout-s", "3",
+                 "--json", str(out)]) == 0
+    small, large = json.loads(out.read_text())["rows"]
+    assert small["newest_1ms"] is not None and small["newest_50ms"] is not None
+    assert large["newest_1ms"] is None and large["newest_50ms"] is not None

@@ -61,3 +61,23 @@ def test_demo_runs_and_reports(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["events"] > 1000 and summary["recommendations"] > 100 and summary["dlq"] > 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["stalled_at_s"] is None
+
+
+def test_demo_says_once_when_processing_stops_with_events_waiting():
+    import io
+
+    from rich.console import Console
+
+    from stream_app.demo import StallWarning
+
+    out = io.StringIO()
+    warning = StallWarning(Console(file=out, width=400), embedded=True)
+    for t in range(0, 60, 5):  # flowing: no warning
+        warning.check({"elapsed_s": float(t), "events": 300 * t, "lag": 10})
+    assert warning.at_s is None and out.getvalue() == ""
+    for t in range(60, 200, 1):  # stuck at 17,700 events while 5,000 wait
+        warning.check({"elapsed_s": float(t), "events": 17_700, "lag": 5_000})
+    assert warning.at_s == 120.0  # 60 s after the last progress, sampled every 5 s
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "5000 waiting" in lines[0] and "STREAMREC_BOOTSTRAP_SERVERS" in lines[0]

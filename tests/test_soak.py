@@ -7,7 +7,8 @@ import math
 import pytest
 
 from stream_app import allocator
-from stream_app.bench_soak import growth, stalled, still_filling
+from stream_app.bench_soak import growth, still_filling
+from stream_app.harness import stalled
 
 
 def test_growth_compares_the_ends_after_warmup():
