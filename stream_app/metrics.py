@@ -47,6 +47,8 @@ OFFSET_HOLES = Counter(
     ["partition"], registry=REGISTRY)
 ROCKSDB_MEMORY = Gauge("streamrec_rocksdb_memory_bytes", "RocksDB memory over the owned partitions' DBs, by kind.",
                        ["kind"], registry=REGISTRY)
+ALLOCATOR = Gauge("streamrec_allocator_info", "C allocator of this worker (value 1): jemalloc, or glibc "
+                  "whose RSS grows over long runs.", ["allocator"], registry=REGISTRY)
 HEAP = Gauge("streamrec_heap_bytes",
              "C heap (jemalloc or glibc malloc) bytes: in use, and free but not returned to the OS.",
              ["state"], registry=REGISTRY)

@@ -35,11 +35,14 @@ def run_worker(settings: Settings) -> int:
 
     from faust import Worker
 
+    from stream_app import metrics
     from stream_app.app import create_app
     from stream_app.broker import kafka_for
     from stream_app.catalog import Catalog
     from stream_app.health import EXIT_BROKER_LOST, BrokerWatch
     from stream_app.lifecycle import Lifecycle
+
+    metrics.ALLOCATOR.labels(running_on).set(1)
 
     with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
         if settings.embedded:  # a memory broker's offsets die with it: never reuse old state

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from stream_app import allocator
 from stream_app.harness import TopicReader, metric_sum
 from stream_app.hostile import malformed
 from stream_app.produce import EventProducer
@@ -114,3 +115,5 @@ def test_redelivered_and_mis_keyed_events(make_settings, start_worker):
             'streamrec_rocksdb_memory_bytes{kind="block_cache"}'} <= set(m)
     assert m['streamrec_heap_bytes{state="in_use"}'] > 10 * 2**20
     assert m["streamrec_fallback_entries"] == 1  # the pair (i1 -> i2), learnt once despite the redelivery
+    running_on = "jemalloc" if allocator.find_jemalloc() else "glibc"  # allocator=auto
+    assert m[f'streamrec_allocator_info{{allocator="{running_on}"}}'] == 1
