@@ -66,19 +66,16 @@ def probe(bootstrap: str, topic: str, offset: int, wait_ms: int, timeout: float)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
     from rich.console import Console
     from rich.table import Table
 
-    from stream_app.broker import EmbeddedBroker
+    from stream_app.broker import EmbeddedBroker, ensure_topics
+    from stream_app.config import Settings
 
     console = Console()
     rows: list[dict] = []
     with EmbeddedBroker() as broker:
-        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
-        admin.create_topics([NewTopic("limit", 1, 1)])
-        admin.close()
+        ensure_topics(Settings(bootstrap_servers=broker.bootstrap, partitions=1), ["limit"])
         stored = 0
         for level in sorted(args.levels):
             started = time.monotonic()

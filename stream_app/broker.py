@@ -224,12 +224,14 @@ class EmbeddedBroker:
 
 
 @contextlib.contextmanager
-def broker_at(bootstrap: str, options: dict[str, Any] | None = None) -> Iterator[str]:
-    """Yield the address of a broker for a benchmark: `bootstrap` once it answers, or,
-    when empty, an embedded one that lives for the block. Long runs may need the former:
-    the embedded memory store stalls once a partition holds ~50k batches (README, Facts)."""
-    if bootstrap:
-        wait_for_broker(bootstrap, 30.0, options, source="--bootstrap")
+def broker_at(bootstrap: str, options: dict[str, Any] | None = None, timeout: float = 30.0,
+              source: str = "--bootstrap") -> Iterator[str]:
+    """Yield the address of a broker: `bootstrap` once it answers (a bounded retry, then a
+    one-line error naming `source`), or, when empty, an embedded one that lives for the
+    block. Long runs may need the former: the embedded memory store stalls once a
+    partition holds ~50k batches (README, Facts)."""
+    if bootstrap.strip():
+        wait_for_broker(bootstrap, timeout, options, source)
         yield bootstrap
     else:
         with EmbeddedBroker() as broker:
@@ -241,14 +243,9 @@ def kafka_for(settings: Settings) -> Iterator[Settings]:
     """Yield settings pointing at a reachable broker with all topics created.
 
     With no bootstrap servers configured, an embedded broker lives for the block."""
-    if settings.embedded:
-        with EmbeddedBroker() as broker:
-            ready = with_broker_quirks(settings.model_copy(update={"bootstrap_servers": broker.bootstrap}))
-            ensure_topics(ready)
-            yield ready
-    else:
-        wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, kafka_python_options(settings))
-        ready = with_broker_quirks(settings)
+    with broker_at(settings.bootstrap_servers, kafka_python_options(settings), settings.broker_connect_timeout_s,
+                   source="STREAMREC_BOOTSTRAP_SERVERS") as bootstrap:
+        ready = with_broker_quirks(settings.model_copy(update={"bootstrap_servers": bootstrap}))
         ensure_topics(ready)
         yield ready
 
