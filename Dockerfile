@@ -11,7 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# 0. jemalloc: the worker re-executes itself onto it (stream_app/allocator.py); with
+# 0. jemalloc: the worker re-executes itself onto it (stream_app/runtime/allocator.py); with
 #    glibc's malloc its RSS grows with fragmentation over long runs.
 RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*

@@ -31,7 +31,7 @@ apt_best_effort = @($(1)) >/dev/null 2>&1 || apt-get install -y -q $(2) >/dev/nu
 prometheus:
 	$(call apt_best_effort,command -v promtool,prometheus)
 
-# jemalloc for the worker (stream_app/allocator.py): flat RSS over long runs. Without it
+# jemalloc for the worker (stream_app/runtime/allocator.py): flat RSS over long runs. Without it
 # the worker warns and runs on glibc malloc.
 jemalloc:
 	$(call apt_best_effort,/sbin/ldconfig -p | grep -q libjemalloc.so.2,libjemalloc2)

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
         300.0, ge=0, description="Broker unreachable this long: shut down cleanly, exit code 3 (0 = retry forever)."
     )
 
-    # --- Security (stream_app/security.py maps these onto every Kafka client) -------
+    # --- Security (stream_app/transport/security.py maps these onto every Kafka client) -------
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka protocol of every client: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream_app.events import CONTROL_TYPES, EVENT_TYPES, REASONS
+from stream_app.pipeline.events import CONTROL_TYPES, EVENT_TYPES, REASONS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from stream_app.broker import EmbeddedBroker
+from stream_app.transport.broker import EmbeddedBroker
 from stream_app.config import Settings
-from stream_app.harness import WorkerProcess, isolated_settings
+from stream_app.testing.harness import WorkerProcess, isolated_settings
 
 _ids = itertools.count()
 
@@ -16,7 +16,7 @@ _ids = itertools.count()
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """(events, catalog rows, checkpoint dir) of a small synthetic world and a tiny model."""
-    from stream_app.synth import generate
+    from stream_app.testing.synth import generate
     from tests.helpers import train_tiny
 
     events, catalog = generate(users=120, items=200, events=5000, seed=21)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from model.cache import topk
-from stream_app.state import UserState
+from stream_app.pipeline.state import UserState
 
 
 def train_tiny(out: Path, events: list[dict], catalog: list[dict], seed: int = 0) -> Path:

@@ -52,7 +52,7 @@ def test_unreachable_broker_is_a_bounded_one_line_error():
 
 @pytest.mark.integration
 def test_demo_runs_and_reports(tmp_path):
-    from stream_app.broker import free_port
+    from stream_app.transport.broker import free_port
 
     out = tmp_path / "demo.json"
     result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out),
@@ -69,7 +69,7 @@ def test_demo_says_once_when_processing_stops_with_events_waiting():
 
     from rich.console import Console
 
-    from stream_app.demo import StallWarning
+    from stream_app.demo.live import StallWarning
 
     out = io.StringIO()
     warning = StallWarning(Console(file=out, width=400), embedded=True)

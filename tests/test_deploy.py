@@ -370,8 +370,8 @@ def _get_json(url: str) -> dict:
 def test_prometheus_scrapes_a_real_worker(make_settings, start_worker, tmp_path):
     """The shipped prometheus.yml and alerts.yml, pointed at a real worker: target up,
     worker metrics queryable, every alert rule evaluates without error."""
-    from stream_app.broker import free_port, spawn, stop_process
-    from stream_app.produce import EventProducer
+    from stream_app.transport.broker import free_port, spawn, stop_process
+    from stream_app.clients.produce import EventProducer
 
     binary = prometheus_tool("prometheus")
     settings = make_settings()

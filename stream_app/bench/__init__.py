@@ -1,0 +1,39 @@
+"""Benchmarks. Each prints a table, writes JSON and compares against a baseline measured
+in the same run; README's results tables come from these."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+EXAMPLES = """examples:
+  streamrec bench inference --json inference.json
+  streamrec bench pipeline --json pipeline.json --plot pipeline.png
+  streamrec bench hostile --messages 100000 --json hostile.json
+  streamrec bench chaos --kills 10 --events 50000 --json chaos.json
+  streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
+  streamrec bench broker --json broker.json
+"""
+
+# name -> module exposing add_arguments(parser) and run(args)
+BENCHES = {
+    "inference": ("stream_app.bench.inference", "incremental KV-cache step vs full recompute, per event"),
+    "pipeline": ("stream_app.bench.pipeline", "offered-load sweep against a live worker vs a naive baseline"),
+    "hostile": ("stream_app.bench.hostile", "malformed, redelivered and valid messages mixed: DLQ and state exact"),
+    "chaos": ("stream_app.bench.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
+    "soak": ("stream_app.bench.soak", "a steady stream for M minutes: worker RSS, state and cache over time"),
+    "broker": ("stream_app.bench.broker", "embedded broker: fetch latency as a partition's stored batches grow"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (module_name, summary) in BENCHES.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=summary, description=summary, epilog=getattr(module, "EXAMPLES", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_bench_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._bench_run(args)

@@ -1,0 +1,154 @@
+"""Send events to the events topic: a live synthetic stream at a fixed rate, or a JSONL file.
+
+Events are keyed by user_id (state is partitioned by key). The producer is not
+idempotent because the embedded broker rejects idempotent producers; exactly-once
+effect comes from event_id dedupe in the worker (DESIGN.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from stream_app.config import SECURITY_FIELDS, Settings, add_settings_arguments, settings_from_args
+from stream_app.errors import UserError
+from stream_app.pipeline.events import encode_event
+from stream_app.testing.hostile import malformed
+
+EXAMPLES = """examples:
+  export STREAMREC_BOOTSTRAP_SERVERS=127.0.0.1:9092
+  streamrec produce --synthetic --rate 500 --duration 60
+  streamrec produce --file events.jsonl --rate 2000
+  streamrec produce --synthetic --rate 200 --duration 30 --bad-rate 0.01   # 1% malformed
+  streamrec produce --catalog catalog.jsonl      # item upserts: {"item_id","title","category","price","available"}
+"""
+
+
+class EventProducer:
+    """kafka-python producer with a steady-rate pacer; counts what it sent."""
+
+    def __init__(self, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
+        """`options`: security arguments from stream_app.transport.security.kafka_python_options, or
+        producer settings to override (linger_ms)."""
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "enable_idempotence": False, "acks": 1,
+                                         "linger_ms": 5, "max_request_size": 1_048_576, **(options or {})})
+        self.sent = 0
+
+    def send(self, value: bytes, key: bytes | None) -> None:
+        self.producer.send(self.topic, value=value, key=key)
+        self.sent += 1
+
+    def send_event(self, event: dict) -> None:
+        self.send(encode_event(event), str(event["user_id"]).encode())
+
+    def paced(self, messages: Iterable[tuple[bytes, bytes | None]], rate: float | None,
+              duration: float | None = None, progress: bool = False) -> int:
+        """Send at `rate` msg/s (None: as fast as possible) until exhausted or `duration` s."""
+        start = time.monotonic()
+        last_report = start
+        for i, (value, key) in enumerate(messages):
+            now = time.monotonic()
+            if duration is not None and now - start >= duration:
+                break
+            if rate:
+                ahead = start + i / rate - now
+                if ahead > 0:
+                    time.sleep(ahead)
+            self.send(value, key)
+            if progress and now - last_report >= 5:
+                last_report = now
+                print(f"produce: {self.sent} sent ({self.sent / (now - start):.0f}/s)", file=sys.stderr)
+        self.flush()
+        return self.sent
+
+    def flush(self) -> None:
+        self.producer.flush(timeout=30)
+
+    def close(self) -> None:
+        self.producer.close(timeout=10)
+
+
+def synthetic_messages(users: int, items: int, seed: int, bad_rate: float = 0.0) -> Iterator[tuple[bytes, bytes | None]]:
+    """Endless synthetic stream, timestamped now, with a share of malformed messages."""
+    from stream_app.testing.synth import stream
+
+    rng = random.Random(seed)
+    for n, event in enumerate(stream(users, items, seed)):
+        if bad_rate and rng.random() < bad_rate:
+            payload, _ = malformed(rng, n)
+            yield payload, None
+        event["ts"] = round(time.time(), 3)
+        yield encode_event(event), event["user_id"].encode()
+
+
+def file_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
+    """Lines as they are (bad lines included: the worker dead-letters them)."""
+    with path.open("rb") as f:
+        for line in f:
+            line = line.rstrip(b"\r\n")
+            if not line:
+                continue
+            try:
+                key = str(json.loads(line)["user_id"]).encode()
+            except Exception:
+                key = None
+            yield line, key
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true", help="endless synthetic clickstream")
+    src.add_argument("--file", type=Path, help="JSONL events file")
+    src.add_argument("--catalog", type=Path, help="JSONL catalog rows -> the compacted catalog topic")
+    parser.add_argument("--rate", type=float, default=None, help="messages/s (default: synthetic 200, file unpaced)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (synthetic default: 60)")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed messages (synthetic)")
+    add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic", *SECURITY_FIELDS])
+
+
+def catalog_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
+    """Catalog rows keyed by item_id (compaction keeps the latest per item)."""
+    for n, (line, _) in enumerate(file_messages(path), 1):
+        try:
+            item_id = str(json.loads(line)["item_id"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n} is not a catalog row; each line needs JSON with an item_id") from None
+        yield line, item_id.encode()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings: Settings = settings_from_args(args)
+    if settings.embedded:
+        raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS (e.g. the address "
+                        "`streamrec broker` or `streamrec worker` printed) or pass --bootstrap-servers")
+    for path in (args.file, args.catalog):
+        if path is not None and not path.is_file():
+            raise UserError(f"{path} not found; create one with `streamrec synth --out FILE --catalog FILE`")
+    from stream_app.transport.broker import wait_for_broker
+    from stream_app.transport.security import kafka_python_options
+
+    options = kafka_python_options(settings)
+    wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, options)
+    topic = settings.catalog_topic if args.catalog else settings.events_topic
+    producer = EventProducer(settings.bootstrap_servers, topic, options)
+    try:
+        if args.catalog:
+            sent = producer.paced(catalog_messages(args.catalog), args.rate, args.duration)
+        elif args.synthetic:
+            msgs = synthetic_messages(args.users, args.items, args.seed, args.bad_rate)
+            sent = producer.paced(msgs, args.rate or 200, args.duration or 60, progress=True)
+        else:
+            sent = producer.paced(file_messages(args.file), args.rate, args.duration, progress=True)
+    finally:
+        producer.close()
+    print(f"produce: {sent} messages sent to {topic} at {settings.bootstrap_servers}")
+    return 0

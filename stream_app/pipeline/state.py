@@ -1,0 +1,105 @@
+"""Per-user state: the raw behaviour history and recent event ids (DESIGN.md invariant 2).
+
+The value is rewritten to the changelog on every change, so it is kept compact: events
+are short lists, not dicts, and event ids are stored as 8-byte hashes. Item ids stay
+strings rather than model vocabulary indices because the vocabulary belongs to a model
+version, and a model swap must never invalidate state.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from stream_app.pipeline.events import EVENT_TYPES, Event
+
+TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
+FORMAT = 1
+
+
+def event_key(event_id: str) -> str:
+    """64-bit hash of an event id: collisions among a user's recent ids are ~2^-50."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
+
+
+@dataclass(slots=True)
+class UserState:
+    # each entry: [item_id or "", type code, ts (ms precision), query or ""]
+    history: list[list] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
+    count: int = 0  # events ever accepted: the history position KV caches are tagged with
+    # bookkeeping for the TTL sweep, not part of the behaviour (ignored by ==):
+    touched: float = field(default=0.0, compare=False)  # wall clock of the last accepted event
+    partition: int = field(default=-1, compare=False)  # input partition the user's events arrive on
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> "UserState":
+        if not value:
+            return cls()
+        history = list(value.get("h", []))
+        touched = value.get("t") or (history[-1][2] if history else 0.0)  # older states: last event time
+        return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))),
+                   touched=float(touched), partition=int(value.get("p", -1)))
+
+    def to_json(self) -> dict:
+        return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count, "t": round(self.touched, 1),
+                "p": self.partition}
+
+    def apply(self, events: Iterable[Event], history_max: int, dedupe_window: int) -> tuple[list[Event], int]:
+        """Append events not seen before; return (accepted, duplicates).
+
+        Redelivery after a crash replays events whose effect may already be in the
+        changelog; the event-id window makes that a no-op (invariant 3)."""
+        accepted: list[Event] = []
+        duplicates = 0
+        seen = set(self.seen)
+        for ev in events:
+            key = event_key(ev.event_id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            self.seen.append(key)
+            self.history.append([ev.item_id or "", TYPE_CODE[ev.type], round(ev.ts, 3), ev.query or ""])
+            self.count += 1
+            accepted.append(ev)
+        if len(self.history) > history_max:
+            del self.history[: len(self.history) - history_max]
+        if len(self.seen) > dedupe_window:
+            del self.seen[: len(self.seen) - dedupe_window]
+        return accepted, duplicates
+
+    def items(self) -> list[str]:
+        """Item ids of non-search events, oldest first."""
+        return [e[0] for e in self.history if e[0]]
+
+    def purchased(self) -> set[str]:
+        code = TYPE_CODE["purchase"]
+        return {e[0] for e in self.history if e[1] == code}
+
+    def raw_events(self, last: int | None = None) -> list:
+        """History (or its `last` entries) as model.features.RawEvent, the model's input type.
+
+        Built from the stored entries, never from the incoming events, so the streaming
+        path and an offline replay of the table see identical inputs (rounded ts too)."""
+        from model.features import RawEvent
+
+        entries = self.history if last is None else self.history[max(0, len(self.history) - last):]
+        return [RawEvent(e[0] or None, EVENT_TYPES[e[1]], float(e[2]), e[3] or None) for e in entries]
+
+
+def expiry_event(user_id: str, state: UserState, now: float) -> dict:
+    """The control event the TTL sweep sends for an idle user. It travels through the
+    input topic, on the user's partition, so it is ordered with the user's own events
+    and erases state, changelog, caches and latest recommendations the way a forget does;
+    `if_count` makes it a no-op if the user was active in the meantime."""
+    return {"type": "forget", "user_id": user_id, "event_id": f"ttl-{event_key(user_id)}-{state.count}",
+            "ts": round(now, 3), "if_count": state.count}
+
+
+def idle_state(value: dict | None, cutoff: float) -> UserState | None:
+    """The user's state if their last accepted event is older than `cutoff` (wall clock)."""
+    if not value:
+        return None
+    state = UserState.from_json(value)
+    return state if state.touched < cutoff else None

@@ -1,0 +1,68 @@
+"""Run the stream processor: consume events, keep per-user state, publish recommendations.
+
+With no bootstrap servers configured the worker starts an embedded broker for its own
+lifetime (and stops it on exit); with servers configured it never starts one."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from stream_app.config import Settings, add_settings_arguments, settings_from_args
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  streamrec worker                                   # embedded broker, metrics on 127.0.0.1:6066
+  STREAMREC_BOOTSTRAP_SERVERS=kafka:9092 streamrec worker --web-port 6067
+  streamrec worker --partitions 8 --state-dir /var/lib/streamrec
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser)
+
+
+def run_worker(settings: Settings) -> int:
+    """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards.
+
+    May first re-execute the process with jemalloc preloaded (stream_app.runtime.allocator)."""
+    from stream_app.runtime import allocator
+
+    running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
+
+    import tempfile
+
+    from faust import Worker
+
+    from stream_app import metrics
+    from stream_app.pipeline.app import create_app
+    from stream_app.transport.broker import kafka_for
+    from stream_app.pipeline.catalog import Catalog
+    from stream_app.transport.health import EXIT_BROKER_LOST, BrokerWatch
+    from stream_app.serving.lifecycle import Lifecycle
+
+    metrics.ALLOCATOR.labels(running_on).set(1)
+
+    with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
+        if settings.embedded:  # a memory broker's offsets die with it: never reuse old state
+            ready = ready.model_copy(update={"state_dir": Path(tmp)})
+        ready.state_dir.mkdir(parents=True, exist_ok=True)
+        catalog = Catalog()
+        watch = BrokerWatch(ready)
+        app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
+        print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
+              f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}", flush=True)
+        worker = Worker(app, loglevel=ready.log_level, quiet=True)
+        code = 0
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        if watch.gave_up:  # the watch said why, in one line
+            return EXIT_BROKER_LOST
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_worker(settings_from_args(args))

@@ -1,0 +1,186 @@
+"""The transformer in the live pipeline: one incremental step per new event.
+
+Each touched user is either a cache *hit* — their KV cache is tagged with the history
+position just before this batch's events, so each new event costs one step — or a
+*miss* (never seen, evicted, or a new model version), rebuilt in one batched forward
+over the stored raw history. Both paths read the model inputs from the stored history
+entries, so streaming and an offline replay of the table agree (DESIGN invariant 1).
+Caches are derived: the pool is bounded by a memory budget and evicts LRU users.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from stream_app import metrics
+from stream_app.config import Settings
+from stream_app.errors import UserError
+from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh
+
+
+class SlotLRU:
+    """user -> (cache slot, history position tag), least recently used evicted first."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.users: OrderedDict[str, list[int]] = OrderedDict()  # user -> [slot, tag]
+
+    def lookup(self, user_id: str) -> list[int] | None:
+        entry = self.users.get(user_id)
+        if entry is not None:
+            self.users.move_to_end(user_id)
+        return entry
+
+    def take(self, user_id: str, protected: set[str]) -> tuple[int, str | None]:
+        """A slot for `user_id` (tag -1 = empty), evicting the LRU user not in `protected`."""
+        entry = self.users.get(user_id)
+        if entry is not None:
+            entry[1] = -1
+            self.users.move_to_end(user_id)
+            return entry[0], None
+        evicted = None
+        if not self.free:
+            evicted = next(u for u in self.users if u not in protected)
+            self.free.append(self.users.pop(evicted)[0])
+        slot = self.free.pop()
+        self.users[user_id] = [slot, -1]
+        return slot, evicted
+
+    def drop(self, user_id: str) -> int | None:
+        entry = self.users.pop(user_id, None)
+        if entry is None:
+            return None
+        self.free.append(entry[0])
+        return entry[0]
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@contextmanager
+def timed(path: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    metrics.INFERENCE_SECONDS.labels(path).observe(time.perf_counter() - start)
+
+
+class ModelRecommender:
+    """Serves one checkpoint; co-occurrence answers for users the model cannot represent."""
+
+    def __init__(self, model_dir: Path, settings: Settings, variant: str = "default",
+                 fallback: CoOccurrenceRecommender | None = None) -> None:
+        from model import checkpoint
+        from model.cache import ItemScorer, KVCachePool, pick_device
+
+        device = pick_device(settings.device)
+        dtype = torch.bfloat16 if settings.dtype == "bf16" and device.type == "cuda" else torch.float32
+        self.model, self.meta = checkpoint.load(str(model_dir), device)
+        cfg = self.model.cfg
+        if settings.history_max < cfg.receptive_field + 1:
+            raise UserError(f"history_max={settings.history_max} is shorter than the model's receptive field "
+                            f"({cfg.receptive_field} + 1 events); set STREAMREC_HISTORY_MAX >= {cfg.receptive_field + 1}")
+        elem = torch.tensor([], dtype=dtype).element_size()
+        per_slot = KVCachePool.slot_bytes(cfg, dtype) + cfg.dim * elem  # + the latest user vector
+        self.n_slots = max(1, int(settings.cache_mb * 2**20) // per_slot)
+        self.pool = KVCachePool(self.model, self.n_slots, device, dtype)
+        self.scorer = ItemScorer(self.model)
+        self.scorer.matrix()  # before serving: the first batch must not pay for a 1M-item catalog
+        self.vectors = torch.zeros(self.n_slots, cfg.dim, device=device, dtype=dtype)  # latest per slot
+        self.slots = SlotLRU(self.n_slots)
+        self.version: str = self.meta["version"]
+        self.variant = variant
+        self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries)
+        self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
+        self.device = device
+        # more new events than this in one batch: rebuild instead (an append holds at most W
+        # events, and past ~W a rebuild of the receptive field costs less); -1 = never step
+        self.max_steps = min(settings.max_steps_per_batch, cfg.window) if settings.incremental else -1
+
+    # --- Recommender protocol ------------------------------------------------------
+    def observe(self, previous_items: Sequence[str], event) -> None:
+        self.fallback.observe(previous_items, event)
+
+    def forget(self, user_id: str) -> None:
+        slot = self.slots.drop(user_id)
+        if slot is not None:
+            self.pool.reset(torch.tensor([slot]))
+
+    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+        out: list[Ranked] = []
+        for start in range(0, len(batch), self.n_slots):  # a chunk must fit in the pool at once
+            chunk = batch[start:start + self.n_slots]
+            servable = [i for i, r in enumerate(chunk) if self._servable(r)]
+            ranked = dict(zip(servable, self._rank([chunk[i] for i in servable], k))) if servable else {}
+            fallback = [r for i, r in enumerate(chunk) if i not in ranked]
+            # the fallback is shared by A/B arms: its answers count for this arm's variant
+            backup = iter([Ranked(r.items, r.model_version, self.variant)
+                           for r in self.fallback.recommend(fallback, k)] if fallback else [])
+            out += [ranked[i] if i in ranked else next(backup) for i in range(len(chunk))]
+        return out
+
+    # --- internals -------------------------------------------------------------------
+    def _servable(self, r: Refresh) -> bool:
+        """The model can represent a user with any known item or any search query."""
+        items = self.model.items
+        return any(e[3] or items.lookup(e[0]) for e in r.state.history)
+
+    def _rank(self, refreshes: list[Refresh], k: int) -> list[Ranked]:
+        vectors = self.user_vectors(refreshes)
+        items = self.model.items
+        exclude = [[i for i in map(items.lookup, r.state.purchased()) if i] for r in refreshes]
+        blocked = self.catalog.blocked_indices(items) if self.catalog is not None else None
+        with timed("score"):
+            scores, idx = self.scorer.topk(vectors, k, exclude, blocked)
+        ids = self.scorer.item_ids(idx)
+        return [Ranked([(i, float(s)) for i, s, ok in zip(row_ids, row_s, row_ok) if ok],
+                       self.version, self.variant)
+                for row_ids, row_s, row_ok in zip(ids, scores.tolist(), torch.isfinite(scores).tolist())]
+
+    def user_vectors(self, refreshes: list[Refresh]) -> torch.Tensor:
+        """Cache hits take one step per new event; misses are rebuilt together."""
+        protected = {r.user_id for r in refreshes}
+        slots, hits, misses = [], [], []
+        for i, r in enumerate(refreshes):
+            n_new = len(r.new_events)
+            entry = self.slots.lookup(r.user_id)
+            if (entry is not None and entry[1] == r.state.count - n_new
+                    and n_new <= min(self.max_steps, len(r.state.history))):
+                hits.append(i)
+                slots.append(entry[0])
+            else:
+                slot, evicted = self.slots.take(r.user_id, protected)
+                if evicted is not None:
+                    metrics.CACHE_EVICTIONS.inc()
+                misses.append(i)
+                slots.append(slot)
+        metrics.CACHE_HITS.inc(len(hits))
+        metrics.CACHE_MISSES.inc(len(misses))
+        slot_t = torch.tensor(slots, device=self.device)
+        if misses:
+            self._rebuild([refreshes[i] for i in misses], slot_t[misses])
+        self._steps([refreshes[i] for i in hits], slot_t[hits] if hits else slot_t[:0])
+        for r in refreshes:
+            self.slots.users[r.user_id][1] = r.state.count
+        metrics.CACHE_SLOTS.labels("used").set(len(self.slots))
+        metrics.CACHE_SLOTS.labels("capacity").set(self.n_slots)
+        return self.vectors[slot_t]
+
+    def _rebuild(self, refreshes: list[Refresh], slots: torch.Tensor) -> None:
+        depth = self.model.cfg.receptive_field + 1  # +1: the oldest event's time gap
+        metrics.REBUILD_BATCH.observe(len(refreshes))
+        with timed("rebuild"):
+            self.vectors[slots] = self.pool.rebuild(slots, [r.state.raw_events(depth) for r in refreshes])
+
+    def _steps(self, refreshes: list[Refresh], slots: torch.Tensor) -> None:
+        """All cache hits with new events advance in one multi-token append."""
+        moving = [i for i, r in enumerate(refreshes) if r.new_events]
+        if not moving:
+            return
+        with timed("step"):
+            self.vectors[slots[moving]] = self.pool.append(
+                slots[moving], [refreshes[i].state.raw_events(len(refreshes[i].new_events)) for i in moving])
