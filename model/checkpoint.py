@@ -1,4 +1,5 @@
-"""Checkpoint directory = weights.safetensors + checkpoint.json. No pickle (invariant 4).
+"""Checkpoint directory = weights.safetensors + checkpoint.json. No pickle
+(docs/design.md, "No unsafe deserialisation").
 
 The JSON carries everything needed to rebuild the exact model: config, item vocabulary
 (order = ID-embedding row), catalog content for content embeddings, plus provenance

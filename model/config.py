@@ -1,7 +1,8 @@
 """Model hyper-parameters, saved verbatim in every checkpoint's JSON.
 
 Everything that changes the function the network computes lives here, so a checkpoint
-directory alone is enough to rebuild the exact model (DESIGN invariant 4: no pickle).
+directory alone is enough to rebuild the exact model (docs/design.md, "No unsafe
+deserialisation").
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Raw events -> integer model inputs. The only place tokenization happens.
 
-Why here and not in the stream processor: state stores the raw history (DESIGN invariant
-2), so a new checkpoint with a different vocabulary or hashing never invalidates state,
-only caches. Hashing uses crc32 (not Python's salted `hash`) so every process agrees.
+Why here and not in the stream processor: state stores the raw history (docs/design.md,
+"History is state, caches are derived"), so a new checkpoint with a different vocabulary
+or hashing never invalidates state, only caches. Hashing uses crc32 (not Python's salted `hash`) so every process agrees.
 """
 from __future__ import annotations
 

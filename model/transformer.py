@@ -4,7 +4,7 @@ Why band attention with a learned *relative* bias: a query at step t sees only k
 t-W+1..t, weighted by a bias indexed by distance t-j. Cached keys/values therefore never
 change when a new event arrives, and the newest output depends only on the last
 `receptive_field` events, so the streaming KV-cache path (model/cache.py) and the offline
-forward over any stored history agree to float rounding (DESIGN invariant 1). The same
+forward over any stored history agree to float rounding (docs/design.md, "Exact incremental inference"). The same
 mask is used in training, so there is no train/serve skew.
 
 Scores are dot products with the same item representations used as inputs (tied).

@@ -19,7 +19,7 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("stream_app.demo.live", "embedded broker + worker + synthetic producer, with a live view"),
     "worker": Command("stream_app.runtime.worker", "run the stream processor (starts an embedded broker if none is configured)"),
     "broker": Command("stream_app.transport.broker", "run the embedded Tansu Kafka broker in the foreground"),
-    "produce": Command("stream_app.clients.produce", "send events (synthetic or from a JSONL file) to the events topic"),
+    "produce": Command("stream_app.testing.traffic", "send events (synthetic or from a JSONL file) to the events topic"),
     "forget": Command("stream_app.clients.forget", "erase users: state (changelog tombstone), caches, latest recommendations"),
     "synth": Command("stream_app.testing.synth", "write a deterministic synthetic clickstream (and catalog) to files"),
     "train": Command("model.train", "train the sequential transformer recommender"),

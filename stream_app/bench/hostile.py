@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from stream_app.bench.pipeline import make_checkpoint
+    from stream_app.testing.checkpoints import random_checkpoint
     from stream_app.transport.broker import EmbeddedBroker
     from stream_app.testing.harness import isolated_settings
 
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else None
     if args.model == "random":
         model = workdir / "model"
-        make_checkpoint(model, args.items, dim=64, layers=2, window=50)
+        random_checkpoint(model, args.items, dim=64, layers=2, window=50)
     stream = HostileStream(args.messages, args.good, args.duplicates, args.users, args.items, args.seed,
                            args.unknown_share)
     console.print(f"hostile: {args.messages} malformed + {args.good} valid + {args.duplicates} redelivered; "
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_hostile(settings, stream, workdir, args.timeout, args.rate, console.print)
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("json", "_bench_run")}
 
-    table = Table(title="hostile input (one worker, this machine)")
+    table = Table(title="hostile input (one worker)")
     for col in ("what", "sent", "outcome"):
         table.add_column(col, justify="right")
     table.add_row("malformed → DLQ", str(result["bad_sent"]), f"{result['dlq']} "

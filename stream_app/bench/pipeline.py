@@ -4,7 +4,7 @@ latency, CPU and RSS, for the streaming engine and for a naive baseline in the s
 The baseline is what a first version would do: one event per batch (so one table write
 per event), and a full recompute of the user's vector from history on every event (no
 KV cache). Both serve the same checkpoint, a random-weight model of the target shape
-(quality is irrelevant to cost), against the embedded broker on this machine — the
+(quality is irrelevant to cost), against the embedded broker — the
 producer and broker share the CPU with the worker, as the numbers then honestly show.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from stream_app.testing.checkpoints import random_checkpoint
 
 EXAMPLES = """examples:
   streamrec bench pipeline --json pipeline.json
@@ -40,30 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("pipeline.png"))
 
 
-def make_checkpoint(out: Path, items: int, dim: int, layers: int, window: int) -> str:
-    """A random-weight checkpoint of the benchmark's shape, with a catalog for content."""
-    import torch
-
-    from model import checkpoint
-    from model.config import ModelConfig
-    from model.features import ItemIndex
-    from model.transformer import SeqRec
-    from stream_app.testing.synth import catalog
-
-    torch.manual_seed(0)
-    rows = {r["item_id"]: r for r in catalog(items, seed=0)}
-    cfg = ModelConfig(n_items=items, dim=dim, n_layers=layers, n_heads=2, window=window)
-    model = SeqRec(cfg, ItemIndex(list(rows), cfg, rows))
-    return checkpoint.save(str(out), model, {"note": "random weights: pipeline benchmark"})
-
-
 def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
           console: Console) -> list[dict]:
     """Start one worker, then offer each load in turn; returns a row per level."""
     import psutil
 
     from stream_app.testing.harness import RecommendationWatcher, WorkerProcess, metric_sum, percentile
-    from stream_app.clients.produce import EventProducer, synthetic_messages
+    from stream_app.clients.produce import EventProducer
+    from stream_app.testing.traffic import synthetic_messages
 
     worker = WorkerProcess(settings, workdir / f"{name}.log").start().wait_ready(120)
     proc = psutil.Process(worker.proc.pid)
@@ -150,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
-    version = make_checkpoint(workdir / "model", args.items, args.dim, args.layers, args.window)
+    version = random_checkpoint(workdir / "model", args.items, args.dim, args.layers, args.window)
     console.print(f"checkpoint {version}: {args.items} items, dim {args.dim}, {args.layers} layers, "
                   f"window {args.window}; history {args.history}; logs in {workdir}")
     rows: list[dict] = []
@@ -166,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
               "speedup_vs_baseline": round(best / base, 2) if base else None,
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "_bench_run")},
               "levels": rows}
-    table = Table(title="pipeline benchmark (per worker, this machine)")
+    table = Table(title="pipeline benchmark (per worker)")
     for col in ("engine", "offered", "processed_per_s", "p50_ms", "p99_ms", "cpu_pct", "rss_mb"):
         table.add_column(col, justify="right")
     for r in rows:

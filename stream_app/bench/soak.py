@@ -112,18 +112,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from stream_app.runtime import allocator
-    from stream_app.bench.pipeline import make_checkpoint
+    from stream_app.testing.checkpoints import random_checkpoint
     from stream_app.transport.broker import broker_at
     from stream_app.config import Settings
     from stream_app.testing.harness import WorkerProcess, isolated_settings, stalled
-    from stream_app.clients.produce import EventProducer, synthetic_messages
+    from stream_app.clients.produce import EventProducer
+    from stream_app.testing.traffic import synthetic_messages
     from stream_app.transport.security import kafka_python_options
 
     console = Console()
     seconds = args.minutes * 60
     warmup_s = 60 * (args.warmup_minutes if args.warmup_minutes is not None else min(5.0, args.minutes / 3))
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
-    make_checkpoint(workdir / "model", args.items, 64, 2, 50)
+    random_checkpoint(workdir / "model", args.items, 64, 2, 50)
     console.print(f"soak: {args.minutes} min at {args.rate:.0f} events/s, {args.users} users, on "
                   f"{args.bootstrap or 'an embedded broker'}; logs in {workdir}")
     samples: list[dict] = []

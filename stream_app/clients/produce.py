@@ -1,13 +1,14 @@
-"""Send events to the events topic: a live synthetic stream at a fixed rate, or a JSONL file.
+"""Send events to the events topic from a JSONL file, or catalog rows to the catalog topic.
 
 Events are keyed by user_id (state is partitioned by key). The producer is not
 idempotent because the embedded broker rejects idempotent producers; exactly-once
-effect comes from event_id dedupe in the worker (DESIGN.md)."""
+effect comes from event_id dedupe in the worker (docs/design.md, "Idempotent replay").
+The `--synthetic` source of `streamrec produce` is tooling and lives in
+stream_app/testing/traffic.py, which builds on this module."""
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any, Iterable, Iterator
 from stream_app.config import SECURITY_FIELDS, Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
 from stream_app.pipeline.events import encode_event
-from stream_app.testing.hostile import malformed
 
 EXAMPLES = """examples:
   export STREAMREC_BOOTSTRAP_SERVERS=127.0.0.1:9092
@@ -74,19 +74,6 @@ class EventProducer:
         self.producer.close(timeout=10)
 
 
-def synthetic_messages(users: int, items: int, seed: int, bad_rate: float = 0.0) -> Iterator[tuple[bytes, bytes | None]]:
-    """Endless synthetic stream, timestamped now, with a share of malformed messages."""
-    from stream_app.testing.synth import stream
-
-    rng = random.Random(seed)
-    for n, event in enumerate(stream(users, items, seed)):
-        if bad_rate and rng.random() < bad_rate:
-            payload, _ = malformed(rng, n)
-            yield payload, None
-        event["ts"] = round(time.time(), 3)
-        yield encode_event(event), event["user_id"].encode()
-
-
 def file_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
     """Lines as they are (bad lines included: the worker dead-letters them)."""
     with path.open("rb") as f:
@@ -101,18 +88,15 @@ def file_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
             yield line, key
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """Returns the group of message sources, so that a tool can add one of its own."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", action="store_true", help="endless synthetic clickstream")
     src.add_argument("--file", type=Path, help="JSONL events file")
     src.add_argument("--catalog", type=Path, help="JSONL catalog rows -> the compacted catalog topic")
     parser.add_argument("--rate", type=float, default=None, help="messages/s (default: synthetic 200, file unpaced)")
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (synthetic default: 60)")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed messages (synthetic)")
     add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic", *SECURITY_FIELDS])
+    return src
 
 
 def catalog_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
@@ -125,7 +109,8 @@ def catalog_messages(path: Path) -> Iterator[tuple[bytes, bytes | None]]:
         yield line, item_id.encode()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]] | None = None) -> int:
+    """`synthetic`: an endless message source from a tool (paced at 200/s for 60 s unless told)."""
     settings: Settings = settings_from_args(args)
     if settings.embedded:
         raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS (e.g. the address "
@@ -143,9 +128,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.catalog:
             sent = producer.paced(catalog_messages(args.catalog), args.rate, args.duration)
-        elif args.synthetic:
-            msgs = synthetic_messages(args.users, args.items, args.seed, args.bad_rate)
-            sent = producer.paced(msgs, args.rate or 200, args.duration or 60, progress=True)
+        elif synthetic is not None:
+            sent = producer.paced(synthetic, args.rate or 200, args.duration or 60, progress=True)
         else:
             sent = producer.paced(file_messages(args.file), args.rate, args.duration, progress=True)
     finally:

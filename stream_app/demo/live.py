@@ -90,7 +90,8 @@ def _view(snap: dict, watcher: RecommendationWatcher) -> Group:
 def run(args: argparse.Namespace) -> int:
     from stream_app.transport.broker import kafka_for
     from stream_app.testing.harness import WorkerProcess
-    from stream_app.clients.produce import EventProducer, synthetic_messages
+    from stream_app.clients.produce import EventProducer
+    from stream_app.testing.traffic import synthetic_messages
 
     settings: Settings = settings_from_args(args)
     _check_port_free(settings.web_host, settings.web_port)

@@ -1,4 +1,4 @@
-"""The Faust app: the data flow of DESIGN.md, top to bottom.
+"""The Faust app: the data flow of docs/design.md, top to bottom.
 
   clickstream.events --take_events(B, T)--> BatchProcessor
       bad     --> clickstream.dlq (original bytes, reason headers)
@@ -8,7 +8,7 @@
   /metrics, /healthz, /readyz on the worker's web server.
 
 Topics use the raw codec and tables JSON: Faust's pickle codec is never used
-(DESIGN.md invariant 4), and malformed bytes reach our validation, not Faust's.
+(docs/design.md, "No unsafe deserialisation"), and malformed bytes reach our validation, not Faust's.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def writing_for(event: faust.EventT):
     """Make `event` the table's current event (it picks the changelog partition from it).
 
     Only the context variable is set, in this task. Calling stream._set_current_event()
-    instead, as DESIGN.md suggested, races with take_events()' background buffer filler,
+    instead, the documented way, races with take_events()' background buffer filler,
     which reads stream.current_event while our batch awaits: it then buffers a stale event
     in place of the new one, and the new message is silently lost (measured: ~6 in 11,000).
     """

@@ -1,4 +1,4 @@
-"""The input event contract (DESIGN.md "Contracts") and its validation.
+"""The input event contract (docs/contracts.md) and its validation.
 
 Validation is hand-written rather than pydantic because it runs once per message on the
 hot path and must map every failure to a small, closed set of reasons: the reason is a

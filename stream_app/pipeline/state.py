@@ -1,4 +1,5 @@
-"""Per-user state: the raw behaviour history and recent event ids (DESIGN.md invariant 2).
+"""Per-user state: the raw behaviour history and recent event ids (docs/design.md,
+"History is state, caches are derived").
 
 The value is rewritten to the changelog on every change, so it is kept compact: events
 are short lists, not dicts, and event ids are stored as 8-byte hashes. Item ids stay
@@ -49,7 +50,7 @@ class UserState:
         """Append events not seen before; return (accepted, duplicates).
 
         Redelivery after a crash replays events whose effect may already be in the
-        changelog; the event-id window makes that a no-op (invariant 3)."""
+        changelog; the event-id window makes that a no-op (docs/design.md, "Idempotent replay")."""
         accepted: list[Event] = []
         duplicates = 0
         seen = set(self.seen)

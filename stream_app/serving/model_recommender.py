@@ -4,7 +4,8 @@ Each touched user is either a cache *hit* — their KV cache is tagged with the 
 position just before this batch's events, so each new event costs one step — or a
 *miss* (never seen, evicted, or a new model version), rebuilt in one batched forward
 over the stored raw history. Both paths read the model inputs from the stored history
-entries, so streaming and an offline replay of the table agree (DESIGN invariant 1).
+entries, so streaming and an offline replay of the table agree (docs/design.md, "Exact incremental
+inference").
 Caches are derived: the pool is bounded by a memory budget and evicts LRU users.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Is the worker's durable state what the accepted events say it must be?
 
-The reference is an offline replay of the events (DESIGN.md invariant 3); the durable
+The reference is an offline replay of the events (docs/design.md, "Idempotent replay"); the durable
 state is the table's changelog topic (what any worker recovers from); the user-visible
 result is the newest record per user on the recommendations topic. The crash test, the
 rebalance test and `streamrec bench chaos` all judge a run with `check()`.

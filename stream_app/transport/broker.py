@@ -2,7 +2,7 @@
 to answer, and explicit topic creation.
 
 Why explicit topics: Tansu auto-creates topics with 4 partitions, and Faust then fails
-with PartitionsMismatch against its changelog (DESIGN.md). Why PR_SET_PDEATHSIG: the
+with PartitionsMismatch against its changelog (docs/facts.md). Why PR_SET_PDEATHSIG: the
 broker must not outlive its parent, even when the parent is SIGKILLed.
 """
 from __future__ import annotations

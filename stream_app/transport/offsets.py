@@ -1,6 +1,6 @@
 """In-order delivery per partition, even when Faust drops messages around a rebalance.
 
-Measured here (DESIGN.md invariant 3 was failing ~1 run in 2 of the rebalance test):
+Measured (docs/design.md, "Idempotent replay", failed ~1 run in 2 of the rebalance test):
 when a worker takes over partitions, faust-streaming 0.15 resumes the stream partitions
 *before* it seeks them to their committed offsets, and a handful of messages fetched in
 between never reach the agent (10 per partition in the run that showed it: offsets

@@ -1,5 +1,5 @@
 """Crash consistency: a worker killed with SIGKILL mid-stream and restarted on the same
-state loses nothing and doubles nothing (DESIGN invariant 3), checked against an offline
+state loses nothing and doubles nothing (docs/design.md, "Idempotent replay"), checked against an offline
 replay; and the broker quirk that used to make such a restart crash-loop."""
 from __future__ import annotations
 

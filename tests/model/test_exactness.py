@@ -1,4 +1,4 @@
-"""DESIGN invariant 1: streaming (KV cache) user vectors == offline forward, for any
+"""docs/design.md, "Exact incremental inference": streaming (KV cache) user vectors == offline forward, for any
 interleaving of users, batch compositions, evictions and rebuilds (fp32, <= 1e-4)."""
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import pytest
 from stream_app.pipeline.catalog import Catalog
 from stream_app.config import Settings
 from stream_app.serving.lifecycle import Lifecycle
+from stream_app.serving.model_recommender import ModelRecommender
 from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.state import UserState
 from tests.helpers import assert_same_ranking, offline_recommend
@@ -25,6 +26,7 @@ def test_streaming_equals_offline_forward(world, cache_mb, tmp_path):
     settings = Settings(model_dir=ckpt, cache_mb=cache_mb, history_max=60, top_k=10)
     lifecycle = Lifecycle(settings)
     engine = lifecycle.recommender
+    assert isinstance(engine, ModelRecommender)  # the transformer answers, not the fallback
     assert (engine.n_slots == 1) == (cache_mb < 0.001)
     proc = BatchProcessor(settings, engine)
     store: dict[str, dict] = {}
