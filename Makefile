@@ -1,4 +1,4 @@
-# The two commands in the README: `make demo` and `make test`.
+# The two commands the README gives: `make demo` and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

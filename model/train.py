@@ -1,7 +1,7 @@
 """Train the sequential transformer recommender (leave-one-out, early stopping on NDCG@10).
 
 Defaults were sized on a synthetic file of the Amazon Video Games shape (31k users, 24k
-items, 287k interactions) on 2 CPU threads; see README "Training defaults". Full-softmax
+items, 287k interactions) on 2 CPU threads; see docs/model.md "Training defaults and why". Full-softmax
 cross-entropy over all items (not BCE with one negative) is what makes SASRec converge in
 few epochs; sampled softmax with logQ correction is there for catalogs too big for it.
 """

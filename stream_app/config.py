@@ -1,5 +1,5 @@
 """All runtime settings in one class: env vars (STREAMREC_*), CLI overrides and the
-README's configuration reference are generated from it, so they cannot drift."""
+docs/configuration.md's settings table are generated from it, so they cannot drift."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -212,7 +212,7 @@ def settings_from_args(args) -> Settings:
 
 
 def config_reference() -> str:
-    """Markdown table of every setting; README embeds it and a test keeps them equal."""
+    """Markdown table of every setting; docs/configuration.md embeds it and a test keeps them equal."""
     rows = ["| setting | env var | default | description |", "|---|---|---|---|"]
     for name, field in Settings.model_fields.items():
         default = field.default
@@ -221,5 +221,5 @@ def config_reference() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m stream_app.config > table, for the README
+if __name__ == "__main__":  # python -m stream_app.config > table, for docs/configuration.md
     print(config_reference())

@@ -55,13 +55,17 @@ def test_demo_runs_and_reports(tmp_path):
     from stream_app.transport.broker import free_port
 
     out = tmp_path / "demo.json"
-    result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out),
-                       "--web-port", str(free_port()), timeout=150)
+    result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out), "--users", "500",
+                       "--web-port", str(free_port()), "--model-cache", str(tmp_path / "models"), timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["events"] > 1000 and summary["recommendations"] > 100 and summary["dlq"] > 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]
     assert summary["stalled_at_s"] is None
+    # the transformer answers (co-occurrence only for users it cannot represent), with its costs shown
+    served = {version: share for version, share in summary["models"].items() if not version.startswith("cooccurrence")}
+    assert sum(served.values()) > 0.9, summary["models"]
+    assert summary["step_us_per_user"] > 0 and summary["rebuild_us_per_user"] > 0 and summary["cache_hit_rate"] > 0
 
 
 def test_demo_says_once_when_processing_stops_with_events_waiting():

@@ -1,5 +1,5 @@
 """Benchmarks. Each prints a table, writes JSON and compares against a baseline measured
-in the same run; README's results tables come from these."""
+in the same run; docs/benchmarks.md's results come from these."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
 """Embedded broker limit: fetch latency as a partition's stored batches grow.
 
 Tansu's memory store lists every batch of a partition on each fetch and stops listing
-when the fetch wait runs out (README, Facts), so past some number of batches a consumer
+when the fetch wait runs out (docs/facts.md, Tansu), so past some number of batches a consumer
 with a short wait gets nothing at all. This finds that number on the current machine and
 Tansu build (a new build can be checked for the upstream fix). Baseline, in the same
 run: the same fetches with a longer wait.

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"worker allocator: {malloc}")
         # few large batches: the embedded broker lists every stored batch of a partition on
         # each fetch and returns nothing once that outlasts the fetch wait (~50k batches at
-        # 50 ms, README Facts), so its lifetime is counted in producer flushes, not events
+        # 50 ms, docs/facts.md), so its lifetime is counted in producer flushes, not events
         producer = EventProducer(settings.bootstrap_servers, settings.events_topic,
                                  {"linger_ms": 200, "batch_size": 256 * 1024, **options})
         feeding = threading.Thread(target=producer.paced, daemon=True,

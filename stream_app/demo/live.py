@@ -1,8 +1,9 @@
-"""The whole product on one machine: embedded broker, a worker process, a synthetic
-producer (with a trickle of malformed messages), and a live terminal view.
+"""The whole product on one machine: embedded broker, a worker process serving the
+transformer, a synthetic producer (with a trickle of malformed messages), and a live view.
 
 The worker runs as a separate process, exactly as in production, and the view reads
-what any subscriber would read: the recommendations topic and the worker's /metrics."""
+what any subscriber would read: the recommendations topic and the worker's /metrics.
+The model is trained once on the demo's own synthetic world (stream_app/demo/world.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,11 @@ EXAMPLES = """examples:
   streamrec demo                         # until Ctrl-C
   streamrec demo --duration 60 --json demo.json
   streamrec demo --rate 1000 --users 5000 --items 20000
+  streamrec demo --model cooccurrence    # the baseline alone, no training
 """
 
 # The embedded broker lists every stored batch of a partition on each fetch and returns
-# nothing once that outlasts the fetch wait (README, Facts), so its life is counted in
+# nothing once that outlasts the fetch wait (docs/facts.md, Tansu), so its life is counted in
 # batches: at 300 events/s, 50 ms batches are ~16 per partition per second, 5 ms ~49.
 EMBEDDED_PRODUCER = {"linger_ms": 50, "batch_size": 256 * 1024}
 STALL_S = 60.0
@@ -43,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bad-rate", type=float, default=0.01, help="share of malformed messages (default: 0.01)")
     parser.add_argument("--json", type=Path, default=None, help="write the final summary here")
+    parser.add_argument("--model", choices=("transformer", "cooccurrence"), default="transformer",
+                        help="transformer (default): train once on the demo's world and serve it, "
+                             "co-occurrence answering users it cannot represent; or co-occurrence alone. "
+                             "A configured --model-dir is served as it is")
+    parser.add_argument("--model-cache", type=Path, default=None,
+                        help="where the demo's trained model is kept (default: ~/.cache/streamrec/demo)")
     add_settings_arguments(parser)
 
 
@@ -69,15 +77,32 @@ def _snapshot(worker, watcher: RecommendationWatcher, sent: int, started: float)
             "lag": int(metric_sum(m, "streamrec_consumer_lag")),
             "events_per_s": round(events / elapsed, 1) if elapsed else 0.0,
             "recommendations": watcher.count, "dlq": int(metric_sum(m, "streamrec_invalid_events_total")),
-            "users": int(m.get("streamrec_users_in_state", 0)), "p50_ms": p50, "p99_ms": p99}
+            "users": int(m.get("streamrec_users_in_state", 0)), "p50_ms": p50, "p99_ms": p99,
+            "models": watcher.model_shares(), **_inference_costs(m)}
+
+
+def _inference_costs(m: dict[str, float]) -> dict[str, float | None]:
+    """What the transformer costs per refreshed user: a KV-cache step (one token per new
+    event) against a rebuild from the stored history, and how often the cache hits."""
+    hits, misses = m.get("streamrec_cache_hits_total", 0.0), m.get("streamrec_cache_misses_total", 0.0)
+
+    def per(path: str, n: float) -> float | None:
+        return round(1e6 * m.get(f'streamrec_inference_seconds_sum{{path="{path}"}}', 0.0) / n, 1) if n else None
+
+    return {"step_us_per_user": per("step", hits), "rebuild_us_per_user": per("rebuild", misses),
+            "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None}
 
 
 def _view(snap: dict, watcher: RecommendationWatcher) -> Group:
     stats = Table(title="streamrec demo", show_header=False, min_width=60)
     for label, key in [("elapsed (s)", "elapsed_s"), ("events processed", "events"), ("events/s", "events_per_s"),
                        ("recommendations", "recommendations"), ("DLQ (malformed)", "dlq"),
-                       ("users in state", "users"), ("latency p50 (ms)", "p50_ms"), ("latency p99 (ms)", "p99_ms")]:
-        stats.add_row(label, str(snap[key]))
+                       ("users in state", "users"), ("latency p50 (ms)", "p50_ms"), ("latency p99 (ms)", "p99_ms"),
+                       ("KV-cache step (µs/user)", "step_us_per_user"),
+                       ("rebuild from history (µs/user)", "rebuild_us_per_user"), ("KV-cache hit rate", "cache_hit_rate")]:
+        stats.add_row(label, "-" if snap[key] is None else str(snap[key]))
+    for version, share in snap["models"].items():
+        stats.add_row(f"answered by {version}", f"{share:.0%}")
     recs = Table(title="latest recommendations", min_width=60)
     for col in ("user", "newest event", "model", "top items"):
         recs.add_column(col)
@@ -97,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
     _check_port_free(settings.web_host, settings.web_port)
     console = Console(stderr=True)
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-demo-"))
+    if args.model == "transformer" and settings.model_dir is None:
+        from stream_app.demo.world import default_cache, demo_model
+
+        model = demo_model(args.users, args.items, args.seed, args.model_cache or default_cache(), console)
+        settings = settings.model_copy(update={"model_dir": model})
     with kafka_for(settings) as ready:
         if settings.embedded:  # a memory broker's offsets die with it: start from empty state
             ready = ready.model_copy(update={"state_dir": workdir / "state"})
@@ -129,7 +159,7 @@ class StallWarning:
         self.samples.append({"t_s": snap["elapsed_s"], "events": snap["events"], "lag": snap["lag"]})
         if stalled(self.samples, STALL_S):
             self.at_s = snap["elapsed_s"]
-            why = ("the embedded broker stops serving a partition that holds ~50k batches (README, Facts): "
+            why = ("the embedded broker stops serving a partition that holds ~50k batches (docs/facts.md, Tansu): "
                    "restart the demo, or run it on a real Kafka (STREAMREC_BOOTSTRAP_SERVERS)"
                    if self.embedded else "check the worker log and the broker")
             self.console.print(f"no events processed for {STALL_S:.0f} s with {snap['lag']} waiting; {why}")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -176,7 +176,8 @@ class TopicReader:
 class RecommendationWatcher(threading.Thread):
     """Reads the recommendations topic like any subscriber, in the background: the latest
     record per user (most recently updated last), (generated_at, latency_ms) samples and
-    a count. A tombstone (forgotten user) drops the user's latest record."""
+    counts, in all and by model_version. A tombstone (forgotten user) drops the user's
+    latest record."""
 
     def __init__(self, bootstrap: str, topic: str, max_samples: int | None = 200_000,
                  options: dict[str, Any] | None = None) -> None:
@@ -185,6 +186,7 @@ class RecommendationWatcher(threading.Thread):
         self.latest: dict[str, dict] = {}
         self.samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self.count = 0
+        self.by_model: Counter[str] = Counter()
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
@@ -198,7 +200,13 @@ class RecommendationWatcher(threading.Thread):
                 self.latest[rec["user_id"]] = rec
                 self.samples.append((rec["generated_at"], rec["latency_ms"]))
                 self.count += 1
+                self.by_model[rec["model_version"]] += 1
         self.reader.close()
+
+    def model_shares(self) -> dict[str, float]:
+        """Share of records by model_version, most frequent first."""
+        total = sum(self.by_model.values())
+        return {version: round(n / total, 3) for version, n in self.by_model.most_common()} if total else {}
 
     def latencies(self, start: float = float("-inf"), end: float = float("inf")) -> list[float]:
         """Sorted latencies (ms) of records generated in [start, end)."""

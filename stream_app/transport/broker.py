@@ -229,7 +229,7 @@ def broker_at(bootstrap: str, options: dict[str, Any] | None = None, timeout: fl
     """Yield the address of a broker: `bootstrap` once it answers (a bounded retry, then a
     one-line error naming `source`), or, when empty, an embedded one that lives for the
     block. Long runs may need the former: the embedded memory store stalls once a
-    partition holds ~50k batches (README, Facts)."""
+    partition holds ~50k batches (docs/facts.md, Tansu)."""
     if bootstrap.strip():
         wait_for_broker(bootstrap, timeout, options, source)
         yield bootstrap

@@ -1,7 +1,7 @@
 """Is the broker answering? A worker that silently stalls while Kafka is away looks
 exactly like an idle one, so it probes the broker itself and says so.
 
-Behaviour while the broker is lost (README, "Broker trouble"): the Kafka clients keep
+Behaviour while the broker is lost (docs/operations.md, "Broker trouble"): the Kafka clients keep
 retrying; no offsets are committed and no table writes happen, because no events arrive,
 so local state stays what the changelog says. `streamrec_broker_up` drops to 0, /readyz
 turns 503 (stop routing lookups here) while /healthz stays 200 with the reason

@@ -1,4 +1,4 @@
-"""The soak benchmark's verdict and a short real run of it (the long one is in the README)."""
+"""The soak benchmark's verdict and a short real run of it (the long one is in docs/benchmarks.md)."""
 from __future__ import annotations
 
 import json

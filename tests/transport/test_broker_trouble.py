@@ -77,7 +77,7 @@ def test_broker_gone_for_good_exits_cleanly_with_code_3(tmp_path):
 
 
 def test_embedded_broker_starves_a_fetch_shorter_than_its_partition_listing(tmp_path):
-    """The limit the soak's and the demo's producer batching work around (README, Facts),
+    """The limit the soak's and the demo's producer batching work around (docs/facts.md, Tansu),
     scaled down: Tansu lists every batch of the partition on each fetch and stops at the
     fetch wait, so with a 1 ms wait 6,000 batches are already too many to get the newest
     records, while the worker's 50 ms wait still gets them. If this fails after a Tansu
