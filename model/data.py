@@ -6,6 +6,7 @@ rest train. Searches are context tokens only, never targets.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -64,8 +65,15 @@ def _ts(v: Any) -> float:
     raise ValueError("bad ts")
 
 
+def open_text(path: str, errors: str = "strict"):
+    """A data file for reading as text; `.gz` files are decompressed on the fly."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
+
+
 def detect_format(path: str) -> str:
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
+    with open_text(path, errors="replace") as f:
         for line in f:
             if line.strip():
                 return "jsonl" if line.lstrip().startswith("{") else "pairs"
@@ -78,7 +86,7 @@ def load_catalog(path: str | None) -> dict[str, dict] | None:
     if not os.path.isfile(path):
         raise UserError(f"catalog file {path} not found; pass --catalog FILE with JSONL rows {{item_id,title,category}}")
     out: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -99,7 +107,7 @@ def load(path: str, fmt: str = "auto", catalog: str | None = None) -> Dataset:
     fmt = detect_format(path) if fmt == "auto" else fmt
     per_user: dict[str, list[tuple[float, int, RawEvent]]] = {}
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open_text(path, errors="replace") as f:
         for n, line in enumerate(f):
             if not line.strip():
                 continue

@@ -1,8 +1,10 @@
 """Evaluate a checkpoint or a baseline under the sampled or full leave-one-out protocol.
 
 sampled: the held-out item against 100 items the user never interacted with, drawn
-uniformly with a fixed seed (SASRec protocol). full: against every item except the user's
-other interactions. Ties are broken uniformly at random *in expectation* (metrics are
+uniformly with a fixed seed (SASRec protocol). full: against every item except those the
+seen-items policy excludes (model/seen.py, the worker's rule too: `interacted` is the
+published full-ranking protocol); a held-out item the policy excludes counts as a miss,
+as the worker would never show it. Ties are broken uniformly at random *in expectation* (metrics are
 exact expectations), so a constant-score baseline gets chance level, not rank 1.
 MRR is untruncated; HR and NDCG are @k.
 """
@@ -19,6 +21,7 @@ import torch
 
 from model.data import Dataset, Split, leave_one_out, load
 from model.features import RawEvent
+from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
 
 EXAMPLES = """examples:
@@ -74,7 +77,8 @@ def sample_negatives(splits: Sequence[Split], index: dict[str, int], n: int = 10
 
 def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], protocol: str = "sampled",
              k: int = 10, seed: int = 0, batch_size: int = 512, progress: bool = False,
-             negatives: np.ndarray | None = None) -> dict:
+             negatives: np.ndarray | None = None, seen_policy: tuple[str, int] = ("interacted", 0)) -> dict:
+    """`seen_policy`: (exclude_seen, window) of the full protocol, as the worker applies it."""
     index = {iid: i for i, iid in enumerate(item_ids)}
     splits = [s for s in splits if s.target in index]
     tgt = np.array([index[s.target] for s in splits], dtype=np.int64)
@@ -83,6 +87,7 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
     negs = negatives
     greater = np.zeros(len(splits), np.int64)
     ties = np.zeros(len(splits), np.int64)
+    never = np.zeros(len(splits), bool)  # held-out items the seen-items policy hides: misses
     bar = _progress(f"eval {protocol}", len(splits)) if progress else None
     for lo in range(0, len(splits), batch_size):
         hi = min(lo + batch_size, len(splits))
@@ -97,8 +102,9 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
             rows = np.arange(hi - lo)
             ts = s[rows, tgt[lo:hi]].copy()
             for r in range(hi - lo):
-                ex = [index[i] for i in splits[lo + r].seen if i in index]
-                s[r, ex] = -np.inf
+                seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
+                s[r, [index[i] for i in seen if i in index]] = -np.inf
+                never[lo + r] = splits[lo + r].target in seen
             s[rows, tgt[lo:hi]] = -np.inf
             s, other = ts[:, None], s
         greater[lo:hi] = (other > s[:, :1]).sum(1)
@@ -107,6 +113,7 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
             bar[0].update(bar[1], advance=hi - lo)
     if bar:
         bar[0].stop()
+    greater[never], ties[never] = len(item_ids), 0
     return {"protocol": protocol, "k": k, "users": len(splits), **rank_metrics(greater, ties, k)}
 
 
@@ -184,8 +191,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--split", default="test", choices=("test", "valid"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
+    parser.add_argument("--exclude-seen", choices=POLICIES, default=None,
+                        help="full protocol: items never recommended back (default: the worker's exclude_seen)")
+    parser.add_argument("--exclude-seen-window", type=int, default=None, metavar="N",
+                        help="only the last N item events count as seen (default: the worker's setting)")
     parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int]:
+    """The given policy, else the worker's default, so offline and live exclude the same items."""
+    from stream_app.config import Settings
+
+    fields = Settings.model_fields
+    return (policy or fields["exclude_seen"].default,
+            fields["exclude_seen_window"].default if window is None else window)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
                                                                  "model_version": meta.get("version")}
     else:
         score, who = baseline_scorer(args.baseline, baseline_fit_data(ds, splits), ds.items), {"baseline": args.baseline}
-    res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True)
-    res.update(who, split=args.split, data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
+    policy = seen_policy(args.exclude_seen, args.exclude_seen_window)
+    res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True, seen_policy=policy)
+    res.update(who, split=args.split, exclude_seen=policy[0], exclude_seen_window=policy[1], data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
                seconds=round(time.time() - t0, 2))
     table = Table(title=f"{who.get('baseline') or 'model'} · {args.protocol} · {args.split}")
     for col in ("users", f"HR@{args.k}", f"NDCG@{args.k}", "MRR"):

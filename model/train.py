@@ -276,13 +276,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"auto = full softmax up to {FULL_SOFTMAX_MAX_ITEMS} items, else sampled softmax with logQ")
 
 
-def model_config_for(ds: Dataset, dim: int, layers: int, heads: int, window: int, dropout: float) -> ModelConfig:
-    """Hash tables are sized only when the data has content/queries: no dead weight otherwise."""
+def model_config_for(ds: Dataset, dim: int = ModelConfig.dim, layers: int = ModelConfig.n_layers,
+                     heads: int = ModelConfig.n_heads, window: int = ModelConfig.window,
+                     dropout: float = ModelConfig.dropout) -> ModelConfig:
+    """Hash tables are sized only when the data has content/queries: no dead weight otherwise.
+    Data without timestamps gets one gap bucket, so the model ignores the times a live
+    stream carries and serves exactly what it was trained on."""
     has_q = any(e.type == "search" for h in ds.histories for e in h)
+    has_ts = any(e.ts for h in ds.histories for e in h)
     base = ModelConfig()
     return ModelConfig(n_items=len(ds.items), dim=dim, n_layers=layers, n_heads=heads, window=window, dropout=dropout,
                        content_buckets=base.content_buckets if ds.catalog else 2,
-                       query_buckets=base.query_buckets if has_q else 2)
+                       query_buckets=base.query_buckets if has_q else 2,
+                       gap_buckets=base.gap_buckets if has_ts else 1)
 
 
 def run(args: argparse.Namespace) -> int:

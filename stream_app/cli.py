@@ -24,7 +24,7 @@ COMMANDS: dict[str, Command] = {
     "synth": Command("stream_app.testing.synth", "write a deterministic synthetic clickstream (and catalog) to files"),
     "train": Command("model.train", "train the sequential transformer recommender"),
     "eval": Command("model.evaluate", "evaluate a checkpoint or a baseline (sampled or full ranking)"),
-    "bench": Command("stream_app.bench", "benchmarks: inference, pipeline, chaos, hostile, soak, broker"),
+    "bench": Command("stream_app.bench", "benchmarks: inference, pipeline, chaos, hostile, soak, broker, quality"),
 }
 
 

@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     batch_max: int = Field(500, ge=1, description="Max events per micro-batch.")
     batch_wait_ms: float = Field(20.0, ge=0, description="Max wait to fill a micro-batch, in ms.")
     top_k: int = Field(10, ge=1, le=1000, description="Recommendations per user.")
+    exclude_seen: str = Field(
+        "purchased", pattern="^(none|purchased|interacted)$",
+        description="Items never recommended back to a user: none, purchased, or every item interacted "
+                    "with. `streamrec eval` applies the same policy (docs/model.md, Seen items)."
+    )
+    exclude_seen_window: int = Field(
+        0, ge=0, description="Only the user's last N item events count as seen (0 = the whole stored history)."
+    )
     max_event_bytes: int = Field(16_384, ge=256, description="Larger input messages go to the DLQ.")
     dlq_payload_cap: int = Field(
         65_536, ge=0, description="Bytes of the original payload kept in a DLQ record (rest truncated)."
@@ -172,6 +180,11 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.bootstrap_servers.strip()
+
+    @property
+    def seen_policy(self) -> tuple[str, int]:
+        """(exclude_seen, exclude_seen_window): the arguments of model.seen.excluded."""
+        return self.exclude_seen, self.exclude_seen_window
 
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""

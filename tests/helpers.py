@@ -23,11 +23,13 @@ def train_tiny(out: Path, events: list[dict], catalog: list[dict], seed: int = 0
     return out
 
 
-def offline_recommend(model, states: list[UserState], k: int) -> list[list[tuple[str, float]]]:
-    """The reference: a full (untruncated) forward over each stored history, then top-k."""
+def offline_recommend(model, states: list[UserState], k: int,
+                      seen_policy: tuple[str, int] = ("purchased", 0)) -> list[list[tuple[str, float]]]:
+    """The reference: a full (untruncated) forward over each stored history, then top-k
+    without the items the seen-items policy excludes."""
     vecs = model.user_vectors([s.raw_events() for s in states], truncate=False)
     items = model.items
-    exclude = [[i for i in map(items.lookup, s.purchased()) if i] for s in states]
+    exclude = [[i for i in map(items.lookup, s.seen_items(*seen_policy)) if i] for s in states]
     scores, idx = topk(vecs, model.item_matrix(), k, exclude)
     return [[(items.ids[i], v) for i, v in zip(row_i, row_s)] for row_i, row_s in zip(idx.tolist(), scores.tolist())]
 

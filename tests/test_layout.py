@@ -1,5 +1,6 @@
 """The layout the code promises (docs/design.md, "Product never imports tooling"): product
-packages never import tooling, and every product module is imported by some test."""
+packages never import tooling, every product module is imported by some test, and the
+module map in docs/design.md names every module."""
 from __future__ import annotations
 
 import ast
@@ -58,3 +59,10 @@ def test_tests_mirror_the_packages():
     packages = {p.parent.name for p in (ROOT / "stream_app").glob("*/__init__.py")} | {"model"}
     folders = {p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").is_file()}
     assert packages <= folders, f"missing test folders: {sorted(packages - folders)}"
+
+
+def test_module_map_names_every_module():
+    text = (ROOT / "docs" / "design.md").read_text()
+    unnamed = [str(path.relative_to(ROOT)) for path in modules().values()
+               if path.stat().st_size and f"`{path.relative_to(ROOT)}`" not in text]
+    assert not unnamed, f"docs/design.md's module map does not name {unnamed}"

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   streamrec bench chaos --kills 10 --events 50000 --json chaos.json
   streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
   streamrec bench broker --json broker.json
+  streamrec bench quality --data beauty.pairs.gz --json quality.json --plot quality.png
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -21,6 +22,7 @@ BENCHES = {
     "hostile": ("stream_app.bench.hostile", "malformed, redelivered and valid messages mixed: DLQ and state exact"),
     "chaos": ("stream_app.bench.chaos", "SIGKILL the worker mid-stream N times; count lost/duplicated/stale users"),
     "soak": ("stream_app.bench.soak", "a steady stream for M minutes: worker RSS, state and cache over time"),
+    "quality": ("stream_app.bench.quality", "train with the defaults; test split, sampled and full ranking, vs baselines"),
     "broker": ("stream_app.bench.broker", "embedded broker: fetch latency as a partition's stored batches grow"),
 }
 

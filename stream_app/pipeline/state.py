@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from model.seen import excluded
 from stream_app.pipeline.events import EVENT_TYPES, Event
 
 TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
@@ -74,9 +75,9 @@ class UserState:
         """Item ids of non-search events, oldest first."""
         return [e[0] for e in self.history if e[0]]
 
-    def purchased(self) -> set[str]:
-        code = TYPE_CODE["purchase"]
-        return {e[0] for e in self.history if e[1] == code}
+    def seen_items(self, policy: str, window: int = 0) -> set[str]:
+        """Items never recommended back to this user under the seen-items policy (model/seen.py)."""
+        return excluded(((e[0] or None, EVENT_TYPES[e[1]]) for e in self.history), policy, window)
 
     def raw_events(self, last: int | None = None) -> list:
         """History (or its `last` entries) as model.features.RawEvent, the model's input type.

@@ -67,7 +67,8 @@ class Lifecycle:
         import torch
         torch.set_num_threads(settings.torch_threads)
         self.settings, self.catalog = settings, catalog
-        self.fallback = CoOccurrenceRecommender(max_entries=settings.fallback_max_entries)
+        self.fallback = CoOccurrenceRecommender(max_entries=settings.fallback_max_entries,
+                                                seen_policy=settings.seen_policy)
         self.fallback.catalog = catalog
         self.dirs = {"A": settings.model_dir, "B": settings.model_b_dir}
         self.served: dict[str, Path] = {}

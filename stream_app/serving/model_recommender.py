@@ -95,7 +95,9 @@ class ModelRecommender:
         self.slots = SlotLRU(self.n_slots)
         self.version: str = self.meta["version"]
         self.variant = variant
-        self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries)
+        self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries,
+                                                            seen_policy=settings.seen_policy)
+        self.seen_policy = settings.seen_policy
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
         # more new events than this in one batch: rebuild instead (an append holds at most W
@@ -133,7 +135,7 @@ class ModelRecommender:
     def _rank(self, refreshes: list[Refresh], k: int) -> list[Ranked]:
         vectors = self.user_vectors(refreshes)
         items = self.model.items
-        exclude = [[i for i in map(items.lookup, r.state.purchased()) if i] for r in refreshes]
+        exclude = [[i for i in map(items.lookup, r.state.seen_items(*self.seen_policy)) if i] for r in refreshes]
         blocked = self.catalog.blocked_indices(items) if self.catalog is not None else None
         with timed("score"):
             scores, idx = self.scorer.topk(vectors, k, exclude, blocked)

@@ -38,13 +38,16 @@ class Recommender(Protocol):
 
 
 class CoOccurrenceRecommender:
-    """The baseline: online item-to-item co-occurrence, popularity backfill, no repurchases."""
+    """The baseline: online item-to-item co-occurrence, popularity backfill, seen items excluded."""
 
     version = "cooccurrence-v1"
 
-    def __init__(self, variant: str = "default", window: int = 5, max_entries: int = 1_000_000) -> None:
+    def __init__(self, variant: str = "default", window: int = 5, max_entries: int = 1_000_000,
+                 seen_policy: tuple[str, int] = ("purchased", 0)) -> None:
+        """`seen_policy`: (exclude_seen, exclude_seen_window), as Settings.seen_policy gives them."""
         self.model = CoOccurrence(window=window, max_entries=max_entries)
         self.variant = variant
+        self.seen_policy = seen_policy
         self.catalog = None  # set by Lifecycle: unavailable items are never recommended
 
     def observe(self, previous_items: Sequence[str], event: Event) -> None:
@@ -57,7 +60,7 @@ class CoOccurrenceRecommender:
     def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
         blocked = self.catalog.unavailable if self.catalog is not None else frozenset()
         return [
-            Ranked(self.model.recommend(r.state.items(), k, exclude=r.state.purchased() | blocked),
+            Ranked(self.model.recommend(r.state.items(), k, exclude=r.state.seen_items(*self.seen_policy) | blocked),
                    self.version, self.variant)
             for r in batch
         ]

@@ -52,14 +52,32 @@ def latest_until_caught_up(reader: TopicReader, events: list[dict], timeout: flo
     return latest
 
 
-def assert_parity(model, events, latest, version):
+def assert_parity(model, events, latest, version, seen_policy=("purchased", 0)):
     states = replay(events, HISTORY)
     users = sorted(states)
-    expected = offline_recommend(model, [states[u] for u in users], 10)
+    expected = offline_recommend(model, [states[u] for u in users], 10, seen_policy)
     for user, want in zip(users, expected):
         rec = latest[user]
         assert rec["model_version"] == version
         assert_same_ranking([(i["item_id"], i["score"]) for i in rec["items"]], want)
+
+
+@pytest.mark.parametrize("policy", [("none", 0), ("interacted", 0), ("interacted", 5)])
+def test_published_lists_equal_offline_ranking_under_the_seen_policy(policy, world, make_settings, start_worker):
+    """The worker and the offline ranking exclude the same seen items (model/seen.py)."""
+    events, _, ckpt = world
+    events = events[:1500]
+    settings = make_settings(model_dir=ckpt, history_max=HISTORY, exclude_seen=policy[0],
+                             exclude_seen_window=policy[1])
+    start_worker(settings)
+    produce(settings, events)
+    latest = latest_until_caught_up(TopicReader(settings.bootstrap_servers, settings.recommendations_topic), events)
+    model, meta = checkpoint.load(str(ckpt))
+    assert_parity(model, events, latest, meta["version"], policy)
+    if policy == ("interacted", 0):  # nothing the user touched comes back
+        states = replay(events, HISTORY)
+        assert all(not {i["item_id"] for i in rec["items"]} & set(states[user].items())
+                   for user, rec in latest.items())
 
 
 def test_output_topic_matches_offline_model(world, make_settings, start_worker):
