@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(20.0, ge=0, description="Max wait to fill a micro-batch, in ms.")
     top_k: int = Field(10, ge=1, le=1000, description="Recommendations per user.")
     exclude_seen: str = Field(
-        "purchased", pattern="^(none|purchased|interacted)$",
+        "interacted", pattern="^(none|purchased|interacted)$",
         description="Items never recommended back to a user: none, purchased, or every item interacted "
                     "with. `streamrec eval` applies the same policy (docs/model.md, Seen items)."
     )
