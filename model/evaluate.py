@@ -77,8 +77,9 @@ def sample_negatives(splits: Sequence[Split], index: dict[str, int], n: int = 10
 
 def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], protocol: str = "sampled",
              k: int = 10, seed: int = 0, batch_size: int = 512, progress: bool = False,
-             negatives: np.ndarray | None = None, seen_policy: tuple[str, int] = ("interacted", 0)) -> dict:
-    """`seen_policy`: (exclude_seen, window) of the full protocol, as the worker applies it."""
+             negatives: np.ndarray | None = None, seen_policy: tuple[str, int] | None = None) -> dict:
+    """`seen_policy`: (exclude_seen, window) of the full protocol; default the worker's."""
+    seen_policy = seen_policy or worker_seen_policy()
     index = {iid: i for i, iid in enumerate(item_ids)}
     splits = [s for s in splits if s.target in index]
     tgt = np.array([index[s.target] for s in splits], dtype=np.int64)
@@ -199,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
-def seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int]:
+def worker_seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int]:
     """The given policy, else the worker's default, so offline and live exclude the same items."""
     from stream_app.config import Settings
 
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                                                                  "model_version": meta.get("version")}
     else:
         score, who = baseline_scorer(args.baseline, baseline_fit_data(ds, splits), ds.items), {"baseline": args.baseline}
-    policy = seen_policy(args.exclude_seen, args.exclude_seen_window)
+    policy = worker_seen_policy(args.exclude_seen, args.exclude_seen_window)
     res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True, seen_policy=policy)
     res.update(who, split=args.split, exclude_seen=policy[0], exclude_seen_window=policy[1], data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
                seconds=round(time.time() - t0, 2))

@@ -170,7 +170,7 @@ def train(ds: Dataset, mc: ModelConfig, tc: TrainConfig, device: torch.device, o
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from model.evaluate import evaluate, model_scorer, sample_negatives, seen_policy
+    from model.evaluate import evaluate, model_scorer, sample_negatives
     t_start = time.time()
     console = Console(quiet=quiet)
     random.seed(tc.seed); np.random.seed(tc.seed); torch.manual_seed(tc.seed)
@@ -240,8 +240,7 @@ def train(ds: Dataset, mc: ModelConfig, tc: TrainConfig, device: torch.device, o
                 if bi % 20 == 0:
                     prog.update(task, description=f"epoch {epoch} {bi}/{len(batches)}", loss=tot / nb)
             model.eval()
-            met = evaluate(model_scorer(model, ds.items), vsplits, ds.items, tc.select, 10, tc.seed, negatives=vnegs,
-                           seen_policy=seen_policy())
+            met = evaluate(model_scorer(model, ds.items), vsplits, ds.items, tc.select, 10, tc.seed, negatives=vnegs)
             epoch_times.append(time.time() - t0)
             rec = {"epoch": epoch, "loss": tot / max(nb, 1), "val_hr": met["hr"], "val_ndcg": met["ndcg"],
                    "val_mrr": met["mrr"], "seconds": round(epoch_times[-1], 2),

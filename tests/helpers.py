@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from model.cache import topk
-from stream_app.config import Settings
+from model.evaluate import worker_seen_policy
 from stream_app.pipeline.state import UserState
 
 
@@ -28,7 +28,7 @@ def offline_recommend(model, states: list[UserState], k: int,
                       seen_policy: tuple[str, int] | None = None) -> list[list[tuple[str, float]]]:
     """The reference: a full (untruncated) forward over each stored history, then top-k
     without the items the seen-items policy (default: the worker's) excludes."""
-    seen_policy = seen_policy or Settings().seen_policy
+    seen_policy = seen_policy or worker_seen_policy()
     vecs = model.user_vectors([s.raw_events() for s in states], truncate=False)
     items = model.items
     exclude = [[i for i in map(items.lookup, s.seen_items(*seen_policy)) if i] for s in states]

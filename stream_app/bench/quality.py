@@ -39,13 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("quality.png"), help="training curve")
 
 
-def offline(ds, model, splits: dict, k: int, policy: tuple[str, int]) -> dict:
-    """Model and baselines on each split under both protocols."""
-    from model.evaluate import baseline_fit_data, baseline_scorer, evaluate, model_scorer
+def offline(ds, score, splits: dict, k: int, policy: tuple[str, int]) -> dict:
+    """The model's `score` and the baselines on each split under both protocols."""
+    from model.evaluate import baseline_fit_data, baseline_scorer, evaluate
 
     out: dict = {}
     for split_name, sp in splits.items():
-        scorers = {"model": model_scorer(model, ds.items, ds.catalog)}
+        scorers = {"model": score}
         for name in ("popularity", "cooccurrence"):
             scorers[name] = baseline_scorer(name, baseline_fit_data(ds, sp), ds.items)
         for who, score in scorers.items():
@@ -55,13 +55,12 @@ def offline(ds, model, splits: dict, k: int, policy: tuple[str, int]) -> dict:
     return out
 
 
-def seen_policies(ds, model, valid: list, k: int) -> dict:
+def seen_policies(ds, score, valid: list, k: int) -> dict:
     """The model's full-ranking validation metrics under each seen-items policy: how the
     worker's default is chosen (held-out data, never test)."""
-    from model.evaluate import evaluate, model_scorer
+    from model.evaluate import evaluate
     from model.seen import POLICIES
 
-    score = model_scorer(model, ds.items, ds.catalog)
     return {policy: evaluate(score, valid, ds.items, "full", k, seen_policy=(policy, 0)) for policy in POLICIES}
 
 
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.cache import pick_device
     from model.data import leave_one_out, load
-    from model.evaluate import seen_policy
+    from model.evaluate import model_scorer, worker_seen_policy
     from model.train import TrainConfig, model_config_for, plot_curve, train
 
     console = Console()
@@ -115,10 +114,11 @@ def run(args: argparse.Namespace) -> int:
     model, info = train(ds, mc, tc, pick_device(args.device), str(out))
     train_s = time.monotonic() - t0
     _, valid, test = leave_one_out(ds)
-    policy = seen_policy()
+    policy = worker_seen_policy()
     with torch.no_grad():
-        metrics = offline(ds, model, {"valid": valid, "test": test}, args.k, policy)
-        metrics["seen_policies_valid"] = seen_policies(ds, model, valid, args.k)
+        score = model_scorer(model, ds.items, ds.catalog)
+        metrics = offline(ds, score, {"valid": valid, "test": test}, args.k, policy)
+        metrics["seen_policies_valid"] = seen_policies(ds, score, valid, args.k)
     result = {"data": str(args.data), "fingerprint": ds.fingerprint, "users": len(ds.users),
               "items": len(ds.items), "interactions": ds.n_interactions, "exclude_seen": list(policy),
               "train": {"wall_s": round(train_s, 1), "epochs": len(info["history"]),
