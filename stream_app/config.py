@@ -83,10 +83,19 @@ class Settings(BaseSettings):
     state_write_buffer_mb: float = Field(
         16.0, gt=0, description="Size of one RocksDB memtable (at most half of state_memory_mb)."
     )
+    state_cache_mb: float = Field(
+        128.0, ge=0, description="Decoded states of recently active users kept in memory (a 200-event "
+        "history takes ~50 KB); a hit skips the table read and JSON decode. 0 = off."
+    )
 
     allocator: str = Field(
         "auto", pattern="^(auto|jemalloc|glibc)$", description="C allocator of the worker: jemalloc keeps RSS "
         "flat over long runs where glibc's fragments; auto = jemalloc where installed (apt-get install libjemalloc2)."
+    )
+
+    event_loop: str = Field(
+        "auto", pattern="^(auto|uvloop|asyncio)$", description="Event loop of the worker: uvloop cuts the "
+        "loop's own share of CPU per event; auto = uvloop where installed."
     )
 
     # --- Processing ---------------------------------------------------------

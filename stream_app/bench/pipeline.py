@@ -61,14 +61,19 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
     rows = []
     try:
         for rate in levels:
-            before = metric_sum(worker.metrics(), "streamrec_events_total")
+            level = list(_take(messages, int(rate * seconds)))  # before the clock: generating costs CPU
+            scrape = worker.metrics()
+            before, stages_before = metric_sum(scrape, "streamrec_events_total"), stage_seconds(scrape)
+            cpu_before = _cpu_seconds(proc)
             proc.cpu_percent(None)
             t0 = time.time()
-            sent = producer.paced(_take(messages, int(rate * seconds)), rate, seconds)
+            sent = producer.paced(level, rate, seconds)
             producer.sent = 0
             elapsed = time.time() - t0
             time.sleep(1.0)  # in-flight tail: latency of the level's last events still counts
-            done = metric_sum(worker.metrics(), "streamrec_events_total") - before
+            scrape = worker.metrics()
+            done = metric_sum(scrape, "streamrec_events_total") - before
+            stages = stage_profile(stages_before, stage_seconds(scrape), _cpu_seconds(proc) - cpu_before, done)
             lat = latency.latencies(t0, t0 + elapsed + 1.0)
             kept_up = done >= 0.97 * sent
             # kept up: everything sent in `elapsed` was processed (the 1 s tail only let the last
@@ -76,7 +81,8 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
             row = {"engine": name, "offered": rate, "sent_per_s": round(sent / elapsed, 1),
                    "processed_per_s": round(done / (elapsed if kept_up else elapsed + 1.0), 1), "kept_up": kept_up,
                    "p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1),
-                   "cpu_pct": round(proc.cpu_percent(None), 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1)}
+                   "cpu_pct": round(proc.cpu_percent(None), 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                   "cpu_us_per_event": stages}
             rows.append(row)
             console.print(f"{name:>8} offered {rate:>6.0f}/s  processed {row['processed_per_s']:>7.0f}/s  "
                           f"p50 {row['p50_ms']:>7} ms  p99 {row['p99_ms']:>7} ms  cpu {row['cpu_pct']}%")
@@ -87,6 +93,62 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
         latency.close()
         worker.stop()
     return rows
+
+
+STAGE_NAMES = {  # stage -> what it covers, in the order of the batch path
+    "framework": "fetch, Faust delivery and streams, asyncio, aiokafka, commits (CPU not in a stage)",
+    "decode": "decode and validate events, route bad ones",
+    "state_read": "state cache lookup; table read and JSON decode on a miss",
+    "update": "dedupe, append, co-occurrence update",
+    "rank": "recommend: the KV-cache step or rebuild and scoring, plus building records",
+    "rank.inference": "  of which transformer step/rebuild",
+    "rank.scoring": "  of which top-k scoring",
+    "state_write": "table write: RocksDB put and changelog send",
+    "send": "recommendation, DLQ, re-key and tombstone sends",
+    "total": "process CPU per event",
+}
+
+
+def stage_seconds(scrape: dict[str, float]) -> dict[str, float]:
+    """Cumulative loop seconds by stage (streamrec_stage_seconds_total) and inference path."""
+    from stream_app.metrics import STAGES
+    out = {s: scrape.get(f'streamrec_stage_seconds_total{{stage="{s}"}}', 0.0) for s in STAGES}
+    for path in ("step", "rebuild", "score"):
+        out[path] = scrape.get(f'streamrec_inference_seconds_sum{{path="{path}"}}', 0.0)
+    return out
+
+
+def stage_profile(before: dict[str, float], after: dict[str, float], cpu_s: float, events: float) -> dict:
+    """CPU µs per event by stage over one level; what no stage timed is the framework's."""
+    if events <= 0:
+        return {}
+    per = {k: (after[k] - before[k]) * 1e6 / events for k in after}
+    staged = sum(per[s] for s in ("decode", "state_read", "update", "rank", "state_write", "send"))
+    total = cpu_s * 1e6 / events
+    profile = {"framework": total - staged, **{s: per[s] for s in ("decode", "state_read", "update", "rank")},
+               "rank.inference": per["step"] + per["rebuild"], "rank.scoring": per["score"],
+               "state_write": per["state_write"], "send": per["send"], "total": total}
+    return {k: round(v, 1) for k, v in profile.items()}
+
+
+def stage_table(rows: list[dict], rate: float) -> Table | None:
+    """The stage profile of each engine at the offered `rate`."""
+    at = [r for r in rows if r["offered"] == rate and r.get("cpu_us_per_event")]
+    if not at:
+        return None
+    table = Table(title=f"CPU µs per event by stage, at {rate:.0f} events/s offered")
+    table.add_column("stage")
+    for r in at:
+        table.add_column(r["engine"], justify="right")
+    table.add_column("covers")
+    for stage, covers in STAGE_NAMES.items():
+        table.add_row(stage, *(str(r["cpu_us_per_event"].get(stage, "")) for r in at), covers)
+    return table
+
+
+def _cpu_seconds(proc) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 def _take(it, n: int):
@@ -150,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     base, _ = summarize(rows, "naive")
     result = {"max_events_per_s": best, "p99_ms_at_2000": p99_2000, "baseline_max_events_per_s": base,
               "speedup_vs_baseline": round(best / base, 2) if base else None,
+              "stage_profile_at_2000": next((r["cpu_us_per_event"] for r in rows
+                                             if r["engine"] == "engine" and r["offered"] == 2000), None),
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "_bench_run")},
               "levels": rows}
     table = Table(title="pipeline benchmark (per worker)")
@@ -159,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(*(str(r[c]) for c in ("engine", "offered", "processed_per_s", "p50_ms", "p99_ms",
                                               "cpu_pct", "rss_mb")))
     console.print(table)
+    stages = stage_table(rows, 2000)
+    if stages is not None:
+        console.print(stages)
     console.print(f"max_events_per_s {best:.0f} · p99_ms_at_2000 {p99_2000} · baseline {base:.0f} "
                   f"· speedup {result['speedup_vs_baseline']}x")
     args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

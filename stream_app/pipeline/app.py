@@ -7,8 +7,9 @@
               --> recommendations (one record per touched user)
   /metrics, /healthz, /readyz on the worker's web server.
 
-Topics use the raw codec and tables JSON: Faust's pickle codec is never used
-(docs/design.md, "No unsafe deserialisation"), and malformed bytes reach our validation, not Faust's.
+Topics and table values use the raw codec (a state is encoded once, by state.py, for
+both RocksDB and the changelog): Faust's pickle codec is never used (docs/design.md,
+"No unsafe deserialisation"), and malformed bytes reach our validation, not Faust's.
 """
 from __future__ import annotations
 
@@ -98,14 +99,36 @@ def rocksdb_options(settings: Settings) -> dict:
 def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broker_watch: BrokerWatch) -> faust.App:
     app = App(settings.app_id, **faust_settings(settings))
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms
+    app.producer_buffer_max = 4 * settings.batch_max
+    if settings.single_record_batches:  # only the changelog needs them (transport/faust_app.py)
+        app.batched_topics = frozenset({settings.recommendations_topic, settings.dlq_topic})
     events_topic = app.topic(settings.events_topic, **RAW)
     dlq_topic = app.topic(settings.dlq_topic, **RAW)
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
-    users = app.Table("users", default=None, partitions=settings.partitions, options=rocksdb_options(settings))
+    users = app.Table("users", default=None, partitions=settings.partitions, value_type=bytes,
+                      options=rocksdb_options(settings))
     processor = BatchProcessor(settings, lifecycle.recommender)
     cap = settings.dlq_payload_cap
 
     guard = OffsetGuard()
+
+    async def send_side_outputs(out, msgs: list[Message], batch: list[faust.EventT]) -> None:
+        """Dead letters, re-keyed events and forgets (tombstones in the table and output)."""
+        for dead in out.dead:
+            raw = msgs[dead.index].value or b""
+            await dlq_topic.send(key=msgs[dead.index].key, value=raw[:cap], headers=[
+                ("streamrec-reason", dead.reason.encode()),
+                ("streamrec-detail", dead.detail.encode()),
+                ("streamrec-truncated", b"1" if len(raw) > cap else b"0"),
+            ])
+        for index, user_id in out.rekeyed:
+            await events_topic.send(key=user_id.encode(), value=msgs[index].value)
+        for user_id, index in out.forgets.items():
+            with writing_for(batch[index]):
+                # unconditional: a redelivered forget must still send the tombstone
+                # that a SIGKILL may have kept from the changelog after the local delete
+                del users[user_id]
+            await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
 
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
@@ -114,27 +137,19 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
             batch = await in_order(app, guard, batch)
             msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
             processor.recommender = lifecycle.recommender  # model swaps land between batches
+            processor.states.on_generation(app.consumer_generation_id)  # owned elsewhere meanwhile?
             out = processor.process(msgs, users.get)
-            for dead in out.dead:
-                raw = msgs[dead.index].value or b""
-                await dlq_topic.send(key=msgs[dead.index].key, value=raw[:cap], headers=[
-                    ("streamrec-reason", dead.reason.encode()),
-                    ("streamrec-detail", dead.detail.encode()),
-                    ("streamrec-truncated", b"1" if len(raw) > cap else b"0"),
-                ])
-            for index, user_id in out.rekeyed:
-                await events_topic.send(key=user_id.encode(), value=msgs[index].value)
-            for user_id, index in out.forgets.items():
-                with writing_for(batch[index]):
-                    # unconditional: a redelivered forget must still send the tombstone
-                    # that a SIGKILL may have kept from the changelog after the local delete
-                    del users[user_id]
-                await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
-            for user_id, (index, value) in out.writes.items():
-                with writing_for(batch[index]):
-                    users[user_id] = value
-            for user_id, record in out.recommendations:
-                await recs_topic.send(key=user_id.encode(), value=encode_record(record))
+            with metrics.stage("send"):
+                await send_side_outputs(out, msgs, batch)
+            with metrics.stage("state_write"):
+                for user_id, (index, value) in out.writes.items():
+                    with writing_for(batch[index]):
+                        users[user_id] = value
+            with metrics.stage("send"):
+                for user_id, record in out.recommendations:
+                    # buffered like the table's changelog writes; the flush before every
+                    # commit waits for both (docs/design.md, "Commit after write")
+                    recs_topic.send_soon(key=user_id.encode(), value=encode_record(record))
 
     @app.timer(1.0)
     async def reread_holes() -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
+
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
 # Control events: not behaviour, never stored. "forget" erases a user (right to be forgotten);
 # with "if_count" only if the user has exactly that many events (the TTL sweep's expiry).
@@ -70,6 +72,14 @@ def _decode(raw: bytes, max_bytes: int) -> dict:
         raise InvalidEvent("too_large", f"{len(raw)} bytes > {max_bytes}")
     if raw[:1] == b"\x80":  # pickle protocol >= 2 opcode PROTO: never unpickled
         raise InvalidEvent("pickle", "pickled payloads are not accepted; send JSON")
+    try:  # fast path: what orjson accepts, the stdlib reads the same way (~1 us vs ~7 us)
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # the stdlib path below names the reason (or accepts:
+        pass  # lone-surrogate escapes and 100-digit integers are JSON that orjson refuses)
+    else:
+        if not isinstance(obj, dict):
+            raise InvalidEvent("not_object", f"top-level JSON is {type(obj).__name__}")
+        return obj
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -19,7 +19,7 @@ from stream_app.config import Settings
 from stream_app.pipeline.events import Event, InvalidEvent, decode_event
 from stream_app.pipeline.latest import LatestStore
 from stream_app.serving.recommender import Recommender, Refresh
-from stream_app.pipeline.state import UserState
+from stream_app.pipeline.state import StateCache, UserState
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class Outcome:
     dead: list[DeadLetter] = field(default_factory=list)
     rekeyed: list[tuple[int, str]] = field(default_factory=list)  # (index, user_id)
     forgets: dict[str, int] = field(default_factory=dict)  # user -> index of the forget event
-    writes: dict[str, tuple[int, dict]] = field(default_factory=dict)  # user -> (index, state json)
+    writes: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # user -> (index, encoded state)
     recommendations: list[tuple[str, dict]] = field(default_factory=list)  # (user_id, record)
     accepted: Counter = field(default_factory=Counter)  # by event type
     duplicates: int = 0
@@ -57,14 +57,38 @@ class BatchProcessor:
         self.recommender = recommender  # swapped atomically between batches on model reload
         self.clock = clock
         self.latest = latest if latest is not None else LatestStore()
+        self.states = StateCache(int(settings.state_cache_mb * 2**20))
 
-    def process(self, messages: Sequence[Message], load: Callable[[str], dict | None]) -> Outcome:
+    def process(self, messages: Sequence[Message], load: Callable[[str], bytes | dict | None]) -> Outcome:
+        """`load(user_id)` reads the stored value; it is called only for users not cached."""
         out = Outcome()
-        per_user = self._route(messages, out)
+        with metrics.stage("decode"):
+            per_user = self._route(messages, out)
+        with metrics.stage("state_read"):
+            states = {user_id: self._load(user_id, load) for user_id in per_user}
+        with metrics.stage("update"):
+            refreshes, newest = self._update(per_user, states, messages, out)
+        if refreshes:
+            with metrics.stage("rank"):
+                self._rank(refreshes, newest, messages, out)
+        self._count(out)
+        return out
+
+    def _load(self, user_id: str, load: Callable[[str], bytes | dict | None]) -> UserState:
+        state = self.states.get(user_id)
+        if state is None:
+            value = load(user_id)
+            state = UserState.from_json(value)
+            self.states.put(user_id, state, len(value) if isinstance(value, bytes) else 0)
+        return state
+
+    def _update(self, per_user: dict[str, list[tuple[int, Event]]], states: dict[str, UserState],
+                messages: Sequence[Message], out: Outcome) -> tuple[list[Refresh], dict[str, tuple[int, Event]]]:
+        """Dedupe and append each user's events; say what to write and whom to refresh."""
         refreshes: list[Refresh] = []
         newest: dict[str, tuple[int, Event]] = {}
         for user_id, items in per_user.items():
-            items, state = self._state_for(user_id, items, load, out)
+            items, state = self._state_for(user_id, items, states[user_id], out)
             if not items:
                 continue
             previous = state.items()
@@ -84,23 +108,21 @@ class BatchProcessor:
                 # a duplicate-only batch is written too: after a SIGKILL the local RocksDB
                 # can hold writes whose changelog records were never sent, and the
                 # redelivery that finds them "seen" is the only chance to send them.
-                out.writes[user_id] = (last_index, state.to_json())
+                value = state.encode()
+                out.writes[user_id] = (last_index, value)
+                self.states.put(user_id, state, len(value))  # write-through
             # re-publish even for a duplicate-only batch: the crash that caused the
             # redelivery may have lost the recommendation but not the state.
             refreshes.append(Refresh(user_id, state, accepted))
             newest[user_id] = (last_index, last_event)
-        if refreshes:
-            self._rank(refreshes, newest, messages, out)
-        self._count(out)
-        return out
+        return refreshes, newest
 
-    def _state_for(self, user_id: str, items: list[tuple[int, Event]], load: Callable[[str], dict | None],
+    def _state_for(self, user_id: str, items: list[tuple[int, Event]], state: UserState,
                    out: Outcome) -> tuple[list[tuple[int, Event]], UserState]:
         """The user's state, unless the batch holds a forget: then everything before the
         last forget is erased (state, cache, latest recommendations) and only later
         events count, against empty state. A TTL expiry (forget with if_count) is
         dropped if the user was active after the sweep saw them idle."""
-        state = UserState.from_json(load(user_id))
         items = [(i, ev) for n, (i, ev) in enumerate(items) if ev.if_count is None
                  or (ev.if_count == state.count and all(e.type == "forget" for _, e in items[:n]))]
         cut = max((n for n, (_, ev) in enumerate(items) if ev.type == "forget"), default=None)
@@ -113,6 +135,7 @@ class BatchProcessor:
             out.expired += 1
         self.recommender.forget(user_id)
         self.latest.forget(user_id)
+        self.states.drop(user_id)  # the table entry is deleted; later events start a new state
         return [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"], UserState()
 
     def _route(self, messages: Sequence[Message], out: Outcome) -> dict[str, list[tuple[int, Event]]]:

@@ -9,8 +9,11 @@ version, and a model swap must never invalidate state.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import orjson
 
 from model.seen import excluded
 from stream_app.pipeline.events import EVENT_TYPES, Event
@@ -35,9 +38,12 @@ class UserState:
     partition: int = field(default=-1, compare=False)  # input partition the user's events arrive on
 
     @classmethod
-    def from_json(cls, value: dict | None) -> "UserState":
+    def from_json(cls, value: bytes | dict | None) -> "UserState":
+        """Reads the stored value: JSON bytes (the table and changelog format) or its dict."""
         if not value:
             return cls()
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = orjson.loads(value)
         history = list(value.get("h", []))
         touched = value.get("t") or (history[-1][2] if history else 0.0)  # older states: last event time
         return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))),
@@ -46,6 +52,12 @@ class UserState:
     def to_json(self) -> dict:
         return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count, "t": round(self.touched, 1),
                 "p": self.partition}
+
+    def encode(self) -> bytes:
+        """The stored value: compact JSON, encoded once for both RocksDB and the changelog
+        (the table's value codec is raw bytes), never pickle (docs/design.md, "No unsafe
+        deserialisation")."""
+        return orjson.dumps(self.to_json())
 
     def apply(self, events: Iterable[Event], history_max: int, dedupe_window: int) -> tuple[list[Event], int]:
         """Append events not seen before; return (accepted, duplicates).
@@ -90,6 +102,59 @@ class UserState:
         return [RawEvent(e[0] or None, EVENT_TYPES[e[1]], float(e[2]), e[3] or None) for e in entries]
 
 
+class StateCache:
+    """Decoded states of recently active users, so a user's next batch skips the read and
+    JSON decode (docs/design.md, "History is state, caches are derived").
+
+    Write-through: the processor puts every state it writes, so an entry always equals
+    the table's value. The worker clears it at every new consumer generation (a partition
+    may have been owned and written elsewhere meanwhile); forgets replace the entry.
+    Bounded by an estimate of the decoded size: OVERHEAD x the encoded length."""
+
+    OVERHEAD = 5  # decoded lists and strings vs. compact JSON bytes (pympler, 200-event histories)
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[str, tuple[UserState, int]] = OrderedDict()
+        self.generation: int | None = None
+
+    def get(self, user_id: str) -> UserState | None:
+        entry = self.entries.get(user_id)
+        if entry is None:
+            return None
+        self.entries.move_to_end(user_id)
+        return entry[0]
+
+    def put(self, user_id: str, state: UserState, encoded_len: int) -> None:
+        size = encoded_len * self.OVERHEAD
+        old = self.entries.pop(user_id, None)
+        if old is not None:
+            self.bytes -= old[1]
+        if size > self.max_bytes:
+            return
+        self.entries[user_id] = (state, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def drop(self, user_id: str) -> None:
+        old = self.entries.pop(user_id, None)
+        if old is not None:
+            self.bytes -= old[1]
+
+    def on_generation(self, generation: int) -> None:
+        """Forget everything when the consumer group generation changes."""
+        if generation != self.generation:
+            self.entries.clear()
+            self.bytes = 0
+            self.generation = generation
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 def expiry_event(user_id: str, state: UserState, now: float) -> dict:
     """The control event the TTL sweep sends for an idle user. It travels through the
     input topic, on the user's partition, so it is ordered with the user's own events
@@ -99,7 +164,7 @@ def expiry_event(user_id: str, state: UserState, now: float) -> dict:
             "ts": round(now, 3), "if_count": state.count}
 
 
-def idle_state(value: dict | None, cutoff: float) -> UserState | None:
+def idle_state(value: bytes | dict | None, cutoff: float) -> UserState | None:
     """The user's state if their last accepted event is older than `cutoff` (wall clock)."""
     if not value:
         return None

@@ -43,6 +43,7 @@ def run_worker(settings: Settings) -> int:
     from stream_app.serving.lifecycle import Lifecycle
 
     metrics.ALLOCATOR.labels(running_on).set(1)
+    loop_kind = use_event_loop(settings.event_loop)
 
     with kafka_for(settings) as ready, tempfile.TemporaryDirectory(prefix="streamrec-state-") as tmp:
         if settings.embedded:  # a memory broker's offsets die with it: never reuse old state
@@ -52,7 +53,7 @@ def run_worker(settings: Settings) -> int:
         watch = BrokerWatch(ready)
         app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
-              f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}", flush=True)
+              f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}, loop {loop_kind}", flush=True)
         worker = Worker(app, loglevel=ready.log_level, quiet=True)
         code = 0
         try:
@@ -62,6 +63,23 @@ def run_worker(settings: Settings) -> int:
         if watch.gave_up:  # the watch said why, in one line
             return EXIT_BROKER_LOST
     return code
+
+
+def use_event_loop(choice: str) -> str:
+    """Install uvloop's policy before Faust creates its loop; returns the loop in use."""
+    import asyncio
+
+    if choice == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("streamrec: event_loop=uvloop but uvloop is not installed; pip install uvloop "
+                             "or set STREAMREC_EVENT_LOOP=asyncio")
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
 
 
 def run(args: argparse.Namespace) -> int:

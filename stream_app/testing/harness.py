@@ -9,11 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
 import urllib.request
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import orjson
 from pydantic import SecretStr
 
 from stream_app.transport.broker import spawn, stop_process
@@ -195,7 +196,7 @@ class RecommendationWatcher(threading.Thread):
                 if record.value is None:
                     self.latest.pop((record.key or b"").decode(errors="replace"), None)
                     continue
-                rec = json.loads(record.value)
+                rec = orjson.loads(record.value)
                 self.latest.pop(rec["user_id"], None)
                 self.latest[rec["user_id"]] = rec
                 self.samples.append((rec["generated_at"], rec["latency_ms"]))

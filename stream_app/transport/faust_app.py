@@ -1,5 +1,6 @@
-"""Faust, with three changes: a configurable fetch wait, a flush that waits for every
-buffered changelog write before a commit, and seek-before-resume at takeover.
+"""Faust, with four changes: a configurable fetch wait, a flush that waits for every
+buffered changelog write before a commit, seek-before-resume at takeover, and inline
+delivery of fetched messages.
 
 Fetch wait. Faust hard-codes fetch_max_wait_ms=1500. Kafka answers a fetch as soon as
 data arrives, so that is harmless there, but Tansu (the embedded broker) answers only
@@ -22,16 +23,25 @@ records its offsets as read, skips everything the seek re-reads below them and c
 the jump as acked. Measured: holes of 1-10 offsets per partition at a takeover, events
 appended out of order at the next rebalance or lost. `_Recovery` defers those resumes
 until the seek is done; `stream_app/transport/offsets.py` still checks every offset.
+
+Inline delivery. Faust's fetch loop hands each message to its stream through
+`wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait`
+per message, so that a rebalance (which suspends the flow) can abandon a delivery that
+waits for buffer space. Measured, that machinery was the largest share of a worker's
+CPU (docs/operations.md, "Where a worker's time goes"). `_Consumer` runs the callback
+inline instead; only a delivery that would wait is handed to Faust's race, so the
+rebalance behaviour is Faust's own.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Coroutine, Generator, Iterator
 
 import faust
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
@@ -42,13 +52,134 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+class _Resume:
+    """Awaitable that continues a coroutine already stepped once by `deliver_inline`."""
+
+    def __init__(self, coro: Coroutine, waiting_on: Any) -> None:
+        self.coro, self.waiting_on = coro, waiting_on
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        signal = self.waiting_on
+        while True:
+            try:
+                yield signal
+            except BaseException as exc:  # a cancel (the flow was suspended) reaches the callback
+                step: Callable[[], Any] = lambda exc=exc: self.coro.throw(exc)
+            else:
+                step = lambda: self.coro.send(None)
+            try:
+                signal = step()
+            except StopIteration as stop:
+                return stop.value
+
+
+async def deliver_inline(coro: Coroutine, race: Callable[[Awaitable], Awaitable]) -> None:
+    """Run `coro` in the caller's task; if it would wait, finish it under `race`."""
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return
+    await race(_Resume(coro, waiting_on))
+
+
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the live worker runs it
+        """faust 0.15.3's Consumer._drain_messages with the delivery made inline (see above);
+        offsets, gaps and commit_every are kept as Faust keeps them."""
+        callback, getmany = self.callback, self.getmany
+        consumer_should_stop, fetcher_should_stop = self._stopped.is_set, fetcher._stopped.is_set
+        get_read_offset, set_read_offset = self._read_offset.__getitem__, self._read_offset.__setitem__
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        commit_every = self._commit_every
+        suspend_flow = self.suspend_flow
+
+        def race(delivery: Awaitable) -> Awaitable:
+            return self.wait_first(delivery, suspend_flow.wait())
+
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                self.diag.set_flag(faust_consumer.CONSUMER_FETCHING)
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > 100:
+                            await asyncio.sleep(0)
+                            num_since_yield = 0
+                        offset, r_offset = message.offset, get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue  # Faust drops these too (read again after a seek)
+                        if offset - (r_offset or 0) > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        if suspend_flow.is_set():
+                            await race(callback(message))
+                        else:
+                            await deliver_inline(callback(message), race)
+                        set_read_offset(tp, offset)
+                    self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
+
 
 class _Producer(faust_aiokafka.Producer):
+    """Faust's producer, plus: a flush that waits for the newest buffered message, and
+    a second aiokafka producer with ordinary batching for `app.batched_topics`.
+
+    Why the second producer: on Tansu every record is sent as its own batch (the table
+    changelog needs it, docs/facts.md) and aiokafka has one produce request in flight per
+    broker, carrying at most one batch per partition, so output records queued behind
+    the changelog's. Outputs have no such need; batched, they leave the changelog path
+    alone (docs/operations.md, "Where a worker's time goes")."""
+
     _newest: asyncio.Future | None = None  # the last message put in the send buffer
+    _batched: Any = None  # aiokafka producer for app.batched_topics, when there are any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Faust's fetch loop stops to drain this buffer past 100 messages; a batch puts up
+        # to two per user (changelog write and recommendation), so size it to the batch
+        self.buffer.max_messages = self.app.producer_buffer_max
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if self.app.batched_topics:
+            self._batched = self._producer_type(**{**self._settings_default(), **self._settings_auth(),
+                                                   **self._settings_extra(), "max_batch_size": 65_536,
+                                                   "linger_ms": 0})
+            await self._batched.start()
+
+    async def on_stop(self) -> None:
+        batched, self._batched = self._batched, None
+        if batched is not None:
+            await batched.stop()
+        await super().on_stop()
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                   timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
+        if self._batched is None or topic not in self.app.batched_topics:
+            return await super().send(topic, key, value, partition, timestamp, headers,
+                                      transactional_id=transactional_id)
+        try:
+            return await self._batched.send(topic, value, key=key, partition=partition, headers=headers,
+                                            timestamp_ms=int(timestamp * 1000.0) if timestamp else None)
+        except faust_aiokafka.KafkaError as exc:
+            raise faust_aiokafka.ProducerSendError(f"Error while sending: {exc!r}") from exc
 
     def send_soon(self, fut) -> None:
         self._newest = fut
@@ -56,12 +187,14 @@ class _Producer(faust_aiokafka.Producer):
 
     async def flush(self) -> None:
         """The buffer sends in order, so once its newest message is delivered all that
-        were buffered before it are at least handed to aiokafka, whose flush follows.
+        were buffered before it are at least handed to aiokafka, whose flushes follow.
         A failed send raises here, and the commit that asked for the flush does not
         happen: the events are redelivered."""
         if self._newest is not None:
             await asyncio.shield(self._newest)
         await super().flush()
+        if self._batched is not None:
+            await self._batched.flush()
 
 
 class _Transport(faust_aiokafka.Transport):
@@ -121,10 +254,13 @@ class _TableManager(TableManager):
 
 
 class App(faust.App):
-    """faust.App whose consumer uses `fetch_max_wait_ms` (set before the worker starts)
-    and whose table recovery seeks stream partitions before resuming them."""
+    """faust.App whose consumer uses `fetch_max_wait_ms`, whose producer buffers up to
+    `producer_buffer_max` messages (both set before the worker starts) and whose table
+    recovery seeks stream partitions before resuming them."""
 
     fetch_max_wait_ms: int = 1500
+    producer_buffer_max: int = 100  # Faust's ProducerBuffer.max_messages
+    batched_topics: frozenset[str] = frozenset()  # sent with ordinary batching (see _Producer)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, TableManager=_TableManager, **kwargs)

@@ -84,3 +84,68 @@ def test_flush_waits_for_the_newest_buffered_write_and_raises_if_it_failed():
 
     assert asyncio.run(scenario(fail=False))
     assert asyncio.run(scenario(fail=True))
+
+
+# --- inline delivery ----------------------------------------------------------------
+
+def test_a_delivery_that_does_not_wait_runs_inline_without_the_race():
+    from stream_app.transport.faust_app import deliver_inline
+    delivered, raced = [], []
+
+    async def callback(n):
+        delivered.append(n)
+
+    async def race(awaitable):
+        raced.append(awaitable)
+        await awaitable
+
+    async def main():
+        for n in range(3):
+            await deliver_inline(callback(n), race)
+
+    asyncio.run(main())
+    assert delivered == [0, 1, 2] and raced == []
+
+
+def test_a_delivery_that_waits_finishes_under_the_race_with_its_result():
+    from stream_app.transport.faust_app import deliver_inline
+    steps = []
+
+    async def callback():
+        steps.append("start")
+        await asyncio.sleep(0)  # a bare yield
+        await asyncio.sleep(0.01)  # a real future
+        steps.append("end")
+
+    async def race(awaitable):
+        steps.append("raced")
+        await asyncio.ensure_future(awaitable)  # as mode's wait_first does: in a task of its own
+
+    asyncio.run(deliver_inline(callback(), race))
+    assert steps == ["start", "raced", "end"]
+
+
+def test_a_suspended_flow_cancels_a_waiting_delivery_inside_the_callback():
+    """Faust's race cancels the delivery when the flow is suspended; the cancel must reach
+    the callback (its cleanup runs) and not be swallowed."""
+    from stream_app.transport.faust_app import deliver_inline
+    cleaned = []
+
+    async def callback(never: asyncio.Event):
+        try:
+            await never.wait()
+        finally:
+            cleaned.append(True)
+
+    async def race(awaitable):
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.sleep(0.01)
+        task.cancel()
+        done, _ = await asyncio.wait([task])
+        return task.cancelled()
+
+    async def main():
+        return await deliver_inline(callback(asyncio.Event()), race)
+
+    asyncio.run(main())
+    assert cleaned == [True]
