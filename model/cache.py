@@ -59,7 +59,7 @@ class KVCachePool:
         for s in slots.tolist():
             self.last_ts[s] = None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def rebuild(self, slots: torch.Tensor, histories: Sequence[Sequence[Any]]) -> torch.Tensor:
         """Fill slots from stored raw histories (any lengths, one batched forward) -> [B, D].
 
@@ -82,7 +82,7 @@ class KVCachePool:
             self.last_ts[s] = _ts(hist[-1]) if len(hist) else None
         return torch.where((n > 0)[:, None], h[:, -1], torch.zeros_like(h[:, -1]))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, slots: torch.Tensor, new_events: Sequence[Any]) -> torch.Tensor:
         """Append one event to each (distinct) slot and return the new user vectors [B, D]."""
         slots = slots.to(self.device)
@@ -112,7 +112,7 @@ class KVCachePool:
         return self.model.ln_f(x)[:, 0]
 
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def append(self, slots: torch.Tensor, new_events: Sequence[Sequence[Any]]) -> torch.Tensor:
         """Append 1..W events to each (distinct) slot in one pass -> user vectors after the last.
 
@@ -200,7 +200,7 @@ class ItemScorer:
     def items(self) -> ItemIndex:
         return self.model.items
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def matrix(self) -> torch.Tensor:
         items, m = self.items, self._matrix
         if m is not None and self._version == items.version:

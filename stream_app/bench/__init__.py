@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
   streamrec bench broker --json broker.json
   streamrec bench quality --data beauty.pairs.gz --json quality.json --plot quality.png
+  streamrec bench replay --data beauty.pairs.gz --json replay.json
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -24,6 +25,7 @@ BENCHES = {
     "soak": ("stream_app.bench.soak", "a steady stream for M minutes: worker RSS, state and cache over time"),
     "quality": ("stream_app.bench.quality", "train with the defaults; test split, sampled and full ranking, vs baselines"),
     "broker": ("stream_app.bench.broker", "embedded broker: fetch latency as a partition's stored batches grow"),
+    "replay": ("stream_app.bench.replay", "bulk replay of a dataset's histories: end-to-end rate vs the worker's"),
 }
 
 

@@ -24,6 +24,7 @@ from stream_app.testing.checkpoints import random_checkpoint
 EXAMPLES = """examples:
   streamrec bench pipeline --json pipeline.json
   streamrec bench pipeline --levels 1000 2000 4000 8000 --seconds 15 --plot pipeline.png
+  streamrec bench pipeline --workers 2 --levels 4000 8000 12000 --json pipeline_2w.json
 """
 
 
@@ -38,21 +39,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--history", type=int, default=200, help="events kept per user (history_max)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of one consumer group on the broker (partitions: at least this many)")
     parser.add_argument("--json", type=Path, default=Path("pipeline.json"))
     parser.add_argument("--plot", type=Path, default=Path("pipeline.png"))
 
 
-def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
-          console: Console) -> list[dict]:
-    """Start one worker, then offer each load in turn; returns a row per level."""
-    import psutil
+class Fleet:
+    """N workers of one consumer group, observed as one: summed counters, CPU and RSS."""
 
-    from stream_app.testing.harness import RecommendationWatcher, WorkerProcess, metric_sum, percentile
+    def __init__(self, settings, n: int, name: str, workdir: Path) -> None:
+        import psutil
+
+        from stream_app.transport.broker import free_port
+        from stream_app.testing.harness import WorkerProcess
+
+        self.workers = [WorkerProcess(settings if i == 0 else settings.model_copy(update={
+            "state_dir": workdir / f"{name}-state-{i}", "web_port": free_port()}), workdir / f"{name}-{i}.log").start()
+            for i in range(n)]
+        for worker in self.workers:
+            worker.wait_ready(120)
+        self._wait_for_assignment(settings.partitions, timeout=120)
+        self.procs = [psutil.Process(w.proc.pid) for w in self.workers]
+
+    def _wait_for_assignment(self, partitions: int, timeout: float) -> None:
+        """Until every worker owns partitions and all of them are owned (a settled group)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                owned = [json.loads(w.get("/readyz"))["partitions"] for w in self.workers]
+            except OSError:
+                owned = []
+            if owned and all(owned) and sum(map(len, owned)) == partitions:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{len(self.workers)} workers did not settle on {partitions} partitions")
+
+    def metrics(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for worker in self.workers:
+            for key, value in worker.metrics().items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def cpu_seconds(self) -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.procs))
+
+    def cpu_percent(self) -> float:
+        return sum(p.cpu_percent(None) for p in self.procs)
+
+    def rss_mb(self) -> float:
+        return sum(p.memory_info().rss for p in self.procs) / 2**20
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
+          console: Console, workers: int = 1) -> list[dict]:
+    """Start the worker(s), then offer each load in turn; returns a row per level."""
+    from stream_app.testing.harness import RecommendationWatcher, metric_sum, percentile
     from stream_app.clients.produce import EventProducer
     from stream_app.testing.traffic import synthetic_messages
 
-    worker = WorkerProcess(settings, workdir / f"{name}.log").start().wait_ready(120)
-    proc = psutil.Process(worker.proc.pid)
+    fleet = Fleet(settings, workers, name, workdir)
     latency = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, max_samples=None)
     latency.start()
     producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
@@ -62,36 +113,36 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
     try:
         for rate in levels:
             level = list(_take(messages, int(rate * seconds)))  # before the clock: generating costs CPU
-            scrape = worker.metrics()
+            scrape = fleet.metrics()
             before, stages_before = metric_sum(scrape, "streamrec_events_total"), stage_seconds(scrape)
-            cpu_before = _cpu_seconds(proc)
-            proc.cpu_percent(None)
+            cpu_before = fleet.cpu_seconds()
+            fleet.cpu_percent()
             t0 = time.time()
             sent = producer.paced(level, rate, seconds)
             producer.sent = 0
             elapsed = time.time() - t0
             time.sleep(1.0)  # in-flight tail: latency of the level's last events still counts
-            scrape = worker.metrics()
+            scrape = fleet.metrics()
             done = metric_sum(scrape, "streamrec_events_total") - before
-            stages = stage_profile(stages_before, stage_seconds(scrape), _cpu_seconds(proc) - cpu_before, done)
+            stages = stage_profile(stages_before, stage_seconds(scrape), fleet.cpu_seconds() - cpu_before, done)
             lat = latency.latencies(t0, t0 + elapsed + 1.0)
             kept_up = done >= 0.97 * sent
             # kept up: everything sent in `elapsed` was processed (the 1 s tail only let the last
             # events land), so that is the sustained rate; behind: the worker was busy throughout
-            row = {"engine": name, "offered": rate, "sent_per_s": round(sent / elapsed, 1),
+            row = {"engine": name, "workers": workers, "offered": rate, "sent_per_s": round(sent / elapsed, 1),
                    "processed_per_s": round(done / (elapsed if kept_up else elapsed + 1.0), 1), "kept_up": kept_up,
                    "p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1),
-                   "cpu_pct": round(proc.cpu_percent(None), 1), "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                   "cpu_pct": round(fleet.cpu_percent(), 1), "rss_mb": round(fleet.rss_mb(), 1),
                    "cpu_us_per_event": stages}
             rows.append(row)
             console.print(f"{name:>8} offered {rate:>6.0f}/s  processed {row['processed_per_s']:>7.0f}/s  "
                           f"p50 {row['p50_ms']:>7} ms  p99 {row['p99_ms']:>7} ms  cpu {row['cpu_pct']}%")
             if not row["kept_up"]:
-                _drain(worker, before + sent, timeout=60)
+                _drain(fleet, before + sent, timeout=60)
     finally:
         producer.close()
         latency.close()
-        worker.stop()
+        fleet.stop()
     return rows
 
 
@@ -146,21 +197,16 @@ def stage_table(rows: list[dict], rate: float) -> Table | None:
     return table
 
 
-def _cpu_seconds(proc) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
-
-
 def _take(it, n: int):
     for _ in range(n):
         yield next(it)
 
 
-def _drain(worker, target: float, timeout: float) -> None:
-    """Let a worker that fell behind catch up before the next level starts."""
+def _drain(fleet: Fleet, target: float, timeout: float) -> None:
+    """Let workers that fell behind catch up before the next level starts."""
     from stream_app.testing.harness import metric_sum
     deadline = time.time() + timeout
-    while time.time() < deadline and metric_sum(worker.metrics(), "streamrec_events_total") < target:
+    while time.time() < deadline and metric_sum(fleet.metrics(), "streamrec_events_total") < target:
         time.sleep(0.5)
 
 
@@ -205,12 +251,14 @@ def run(args: argparse.Namespace) -> int:
     with EmbeddedBroker() as broker:
         for name, levels, extra in (("engine", args.levels, {}),
                                     ("naive", args.baseline_levels, {"batch_max": 1, "incremental": False})):
+            workers = args.workers if name == "engine" else 1
             settings = isolated_settings(broker.bootstrap, f"bench-{name}", workdir, model_dir=workdir / "model",
-                                         history_max=args.history, **extra)
-            rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console)
+                                         history_max=args.history, **extra,
+                                         **({"partitions": max(4, workers)} if workers > 1 else {}))
+            rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console, workers)
     best, p99_2000 = summarize(rows, "engine")
     base, _ = summarize(rows, "naive")
-    result = {"max_events_per_s": best, "p99_ms_at_2000": p99_2000, "baseline_max_events_per_s": base,
+    result = {"workers": args.workers, "max_events_per_s": best, "p99_ms_at_2000": p99_2000, "baseline_max_events_per_s": base,
               "speedup_vs_baseline": round(best / base, 2) if base else None,
               "stage_profile_at_2000": next((r["cpu_us_per_event"] for r in rows
                                              if r["engine"] == "engine" and r["offered"] == 2000), None),

@@ -29,8 +29,11 @@ def event_key(event_id: str) -> str:
 
 @dataclass(slots=True)
 class UserState:
-    # each entry: [item_id or "", type code, ts (ms precision), query or ""]
-    history: list[list] = field(default_factory=list)
+    # each entry: (item_id or "", type code, ts (ms precision), query or ""); stored as a
+    # JSON array. Tuples of strings and numbers drop out of Python's cyclic GC: as lists,
+    # a worker's cached histories were ~1M tracked objects and full collections paused the
+    # loop for 130-170 ms (docs/operations.md, "Where a worker's time goes")
+    history: list[tuple] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
     count: int = 0  # events ever accepted: the history position KV caches are tagged with
     # bookkeeping for the TTL sweep, not part of the behaviour (ignored by ==):
@@ -44,7 +47,7 @@ class UserState:
             return cls()
         if isinstance(value, (bytes, bytearray, memoryview)):
             value = orjson.loads(value)
-        history = list(value.get("h", []))
+        history = [tuple(e) for e in value.get("h", [])]
         touched = value.get("t") or (history[-1][2] if history else 0.0)  # older states: last event time
         return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))),
                    touched=float(touched), partition=int(value.get("p", -1)))
@@ -74,7 +77,7 @@ class UserState:
                 continue
             seen.add(key)
             self.seen.append(key)
-            self.history.append([ev.item_id or "", TYPE_CODE[ev.type], round(ev.ts, 3), ev.query or ""])
+            self.history.append((ev.item_id or "", TYPE_CODE[ev.type], round(ev.ts, 3), ev.query or ""))
             self.count += 1
             accepted.append(ev)
         if len(self.history) > history_max:

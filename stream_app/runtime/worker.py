@@ -31,6 +31,7 @@ def run_worker(settings: Settings) -> int:
 
     running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
 
+    import gc
     import tempfile
 
     from faust import Worker
@@ -52,6 +53,8 @@ def run_worker(settings: Settings) -> int:
         catalog = Catalog()
         watch = BrokerWatch(ready)
         app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
+        gc.freeze()  # what start-up built (modules, torch, the model) lives as long as the worker:
+        # later full collections skip it (docs/operations.md, "Where a worker's time goes")
         print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
               f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}, loop {loop_kind}", flush=True)
         worker = Worker(app, loglevel=ready.log_level, quiet=True)

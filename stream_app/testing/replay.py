@@ -38,9 +38,14 @@ def interleaved(splits: Sequence[Split]) -> Iterator[dict]:
         yield from (e for e in row if e is not None)
 
 
-def replay(settings: Settings, splits: Sequence[Split], timeout: float = 900.0, say=print) -> dict[str, dict]:
+BIG_BATCHES = {"linger_ms": 100, "batch_size": 512 * 1024}  # few, large batches (docs/facts.md)
+
+
+def replay(settings: Settings, splits: Sequence[Split], timeout: float = 900.0, say=print,
+           producer_options: dict | None = None) -> dict[str, dict]:
     """Send every split's context, then wait until each user's latest record answers their
-    last event; returns the latest record per user (users still missing at `timeout` are absent)."""
+    last event; returns the latest record per user (users still missing at `timeout` are absent).
+    `producer_options`: kafka-python producer settings (default BIG_BATCHES)."""
     from stream_app.clients.produce import EventProducer
     from stream_app.testing.harness import RecommendationWatcher
 
@@ -48,7 +53,7 @@ def replay(settings: Settings, splits: Sequence[Split], timeout: float = 900.0, 
     watcher = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic)
     watcher.start()
     producer = EventProducer(settings.bootstrap_servers, settings.events_topic,
-                             {"linger_ms": 100, "batch_size": 512 * 1024})  # few, large batches (docs/facts.md)
+                             BIG_BATCHES if producer_options is None else producer_options)
     try:
         sent = producer.paced(((json.dumps(e).encode(), e["user_id"].encode()) for e in interleaved(splits)),
                               rate=None, progress=True)
