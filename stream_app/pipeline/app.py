@@ -138,13 +138,17 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
             msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
             processor.recommender = lifecycle.recommender  # model swaps land between batches
             processor.states.on_generation(app.consumer_generation_id)  # owned elsewhere meanwhile?
-            out = processor.process(msgs, users.get)
-            with metrics.stage("send"):
-                await send_side_outputs(out, msgs, batch)
-            with metrics.stage("state_write"):
-                for user_id, (index, value) in out.writes.items():
-                    with writing_for(batch[index]):
-                        users[user_id] = value
+            try:
+                out = processor.process(msgs, users.get)
+                with metrics.stage("send"):
+                    await send_side_outputs(out, msgs, batch)
+                with metrics.stage("state_write"):
+                    for user_id, (index, value) in out.writes.items():
+                        with writing_for(batch[index]):
+                            users[user_id] = value
+            except BaseException:  # cached states may be ahead of the table: the redelivery
+                processor.states.clear()  # must read the table, or it would dedupe unwritten events
+                raise
             with metrics.stage("send"):
                 for user_id, record in out.recommendations:
                     # buffered like the table's changelog writes; the flush before every

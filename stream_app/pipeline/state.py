@@ -111,7 +111,8 @@ class StateCache:
 
     Write-through: the processor puts every state it writes, so an entry always equals
     the table's value. The worker clears it at every new consumer generation (a partition
-    may have been owned and written elsewhere meanwhile); forgets replace the entry.
+    may have been owned and written elsewhere meanwhile) and when a batch fails between
+    changing a state and writing it; forgets drop the entry.
     Bounded by an estimate of the decoded size: OVERHEAD x the encoded length."""
 
     OVERHEAD = 5  # decoded lists and strings vs. compact JSON bytes (pympler, 200-event histories)
@@ -150,9 +151,12 @@ class StateCache:
     def on_generation(self, generation: int) -> None:
         """Forget everything when the consumer group generation changes."""
         if generation != self.generation:
-            self.entries.clear()
-            self.bytes = 0
+            self.clear()
             self.generation = generation
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -171,3 +171,48 @@ def test_any_interleaving_dead_letters_bad_and_applies_good_exactly_once(case):
         want = [f"i{i}" for i, k in enumerate(kinds) if k == ("good", user)]
         state = UserState.from_json(store.get(user))
         assert state.items() == want and state.count == len(want)
+
+
+# --- decoded-state cache -------------------------------------------------------------
+
+def test_cached_states_skip_the_table_and_equal_what_was_written():
+    store, loads = {}, []
+
+    def load(user):
+        loads.append(user)
+        return store.get(user)
+
+    proc = BatchProcessor(Settings(), CoOccurrenceRecommender(), clock=lambda: 100.25)
+    for batch in ([msg("a", 1), msg("b", 2)], [msg("a", 3)], [msg("a", 4), msg("b", 5)]):
+        out = proc.process(batch, load)
+        for user, (_, value) in out.writes.items():
+            store[user] = value
+    assert loads == ["a", "b"]  # each user read once, then served from the cache
+    assert all(proc.states.get(u).encode() == store[u] for u in ("a", "b"))
+    assert UserState.from_json(store["a"]).items() == ["i1", "i3", "i4"]
+
+
+def test_a_forget_drops_the_cached_state():
+    store = {}
+    proc = BatchProcessor(Settings(), CoOccurrenceRecommender(), clock=lambda: 100.25)
+    out = proc.process([msg("a", 1)], store.get)
+    store["a"] = out.writes["a"][1]
+    out = proc.process([msg("a", 2, etype="forget")], store.get)
+    assert out.forgets == {"a": 0} and proc.states.get("a") is None
+
+
+def test_state_cache_is_bounded_lru_and_cleared_per_generation():
+    from stream_app.pipeline.state import StateCache
+    cache = StateCache(max_bytes=3 * 100 * StateCache.OVERHEAD)
+    for user in "abc":
+        cache.put(user, UserState(count=1), 100)
+    cache.get("a")  # a is now the most recently used
+    cache.put("d", UserState(count=2), 100)
+    assert sorted(cache.entries) == ["a", "c", "d"] and cache.bytes == 3 * 100 * StateCache.OVERHEAD
+    cache.put("huge", UserState(), 10**6)  # larger than the budget: not kept
+    assert cache.get("huge") is None and len(cache) == 3
+    cache.on_generation(7)
+    assert len(cache) == 0 and cache.bytes == 0
+    cache.put("a", UserState(), 10)
+    cache.on_generation(7)  # the same generation keeps it
+    assert cache.get("a") is not None
