@@ -66,11 +66,8 @@ class Fleet:
         """Until every worker owns partitions and all of them are owned (a settled group)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                owned = [json.loads(w.get("/readyz"))["partitions"] for w in self.workers]
-            except OSError:
-                owned = []
-            if owned and all(owned) and sum(map(len, owned)) == partitions:
+            owned = [w.partitions() for w in self.workers]
+            if all(owned) and sum(map(len, owned)) == partitions:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"{len(self.workers)} workers did not settle on {partitions} partitions")

@@ -98,6 +98,13 @@ class WorkerProcess:
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.get("/metrics").decode())
 
+    def partitions(self) -> list[int]:
+        """Input partitions the worker owns now ([] while it rebalances or is not up)."""
+        try:
+            return json.loads(self.get("/readyz"))["partitions"]
+        except OSError:  # 503 while rebalancing, or not up yet
+            return []
+
     def stop(self, timeout: float = 20.0) -> int | None:
         stop_process(self.proc, timeout)
         return None if self.proc is None else self.proc.returncode

@@ -12,19 +12,11 @@ import pytest
 
 from stream_app.transport.broker import free_port
 from stream_app.testing.consistency import check
-from stream_app.testing.harness import WorkerProcess
 from stream_app.clients.produce import EventProducer
 from stream_app.testing.synth import generate
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def owned(worker: WorkerProcess) -> list[int]:
-    try:
-        return json.loads(worker.get("/readyz"))["partitions"]
-    except OSError:  # 503 while rebalancing, or not up yet
-        return []
 
 
 def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, tmp_path):
@@ -33,7 +25,7 @@ def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, 
     b_settings = a_settings.model_copy(update={"state_dir": tmp_path / "state-b", "web_port": free_port()})
     a = start_worker(a_settings, "a")
     b = start_worker(b_settings, "b")
-    wait_until(lambda: len(owned(a)) == 2 and len(owned(b)) == 2, 60, "the two workers to split 4 partitions")
+    wait_until(lambda: len(a.partitions()) == 2 and len(b.partitions()) == 2, 60, "the two workers to split 4 partitions")
 
     taken_over = threading.Event()
 
@@ -50,10 +42,10 @@ def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, 
     feeding.start()
     time.sleep(3)
     b.kill()
-    wait_until(lambda: owned(a) == [0, 1, 2, 3], 60, "the survivor to take over every partition")
+    wait_until(lambda: a.partitions() == [0, 1, 2, 3], 60, "the survivor to take over every partition")
     taken_over.set()
     b = start_worker(b_settings, "b-again")  # same state dir: stale shards, recovered from the changelog
-    wait_until(lambda: len(owned(a)) == 2 and len(owned(b)) == 2, 60, "partitions to move back")
+    wait_until(lambda: len(a.partitions()) == 2 and len(b.partitions()) == 2, 60, "partitions to move back")
     feeding.join()
     producer.close()
 
