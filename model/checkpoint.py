@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from model.transformer import SeqRec
 from stream_app.errors import UserError
 
 FORMAT = "streamrec-seqrec/1"
-WEIGHTS, META = "weights.safetensors", "checkpoint.json"
+WEIGHTS, META, MANIFEST = "weights.safetensors", "checkpoint.json", "manifest.json"
 
 
 def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str:
@@ -38,6 +40,7 @@ def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str
     doc = {
         "format": FORMAT,
         "version": version,
+        "created_at": time.time(),
         "config": model.cfg.to_dict(),
         "items": items.ids[1 : items.n_trained + 1],
         "catalog": items.meta,
@@ -48,6 +51,38 @@ def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str
         json.dump(doc, f)
     os.replace(tmp, os.path.join(out_dir, META))
     return version
+
+
+def publish(root: str, model: SeqRec, meta: dict[str, Any], manifest: dict[str, Any], keep: int = 0) -> str:
+    """Write a checkpoint as `root/<version>`, atomically: it is written in full under a hidden
+    temporary name, then renamed (docs/design.md, "Published checkpoints are whole"), so a
+    reader never sees a half-written one. `manifest.json` records where it came from. With
+    `keep`, only the newest `keep` directories that carry a manifest stay."""
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")
+    try:
+        version = save(tmp, model, {**meta, "parent": manifest.get("parent")})
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"version": version, **manifest}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(root, version))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        prune(root, keep)
+    return version
+
+
+def prune(root: str, keep: int) -> None:
+    """Remove all but the newest `keep` manifest-carrying checkpoints (hand-made ones stay)."""
+    made = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+            and os.path.isfile(os.path.join(e.path, MANIFEST))]
+    made.sort(key=lambda e: os.stat(os.path.join(e.path, META)).st_mtime if os.path.isfile(
+        os.path.join(e.path, META)) else 0.0)
+    for e in made[: max(0, len(made) - keep)]:
+        shutil.rmtree(e.path, ignore_errors=True)
 
 
 def load(ckpt_dir: str, device: torch.device | str = "cpu") -> tuple[SeqRec, dict[str, Any]]:

@@ -47,3 +47,24 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Continual learning (model/continual.py); `streamrec learn` maps its settings onto these."""
+    interval_s: float = 300.0     # an update at least this often (wall time live, event time offline)
+    every_events: int = 50_000    # ... or after this many events, whichever first
+    min_events: int = 200         # fewer new events than this never make an update
+    memory_mb: float = 256.0      # recent per-user histories (3/4) and the replay sample (1/4)
+    history: int = 100            # events kept per user (>= the default model's receptive field, 99)
+    replay_share: float = 0.5     # replay sequences per recent sequence in each fine-tune
+    update_s: float = 60.0        # fine-tune wall-clock budget per update
+    epochs: int = 1               # passes over the recent window per update
+    lr: float = 5e-4
+    batch_size: int = 128
+    min_item_events: int = 5      # events before a new item gets its own ID row
+    holdout_share: float = 0.1    # the window's most recent item events: the gate's test set
+    margin: float = 0.0           # candidate NDCG@k must exceed serving's by more than this
+    eval_window: int = 2000       # rolling prequential metrics: last N scored events
+    k: int = 10
+    seed: int = 0

@@ -98,6 +98,23 @@ def load_catalog(path: str | None) -> dict[str, dict] | None:
     return out
 
 
+def parse_event_line(line: str) -> tuple[str, RawEvent] | None:
+    """(user_id, event) of one JSONL event line; None if it is not a usable event."""
+    try:
+        o = json.loads(line)
+        etype = o.get("type") or "click"
+        if etype not in EVENT_TYPES:
+            raise ValueError(etype)
+        item = o.get("item_id")
+        if etype != "search" and not item:
+            raise ValueError("item")
+        ts = _ts(o.get("ts", 0.0))
+        return str(o["user_id"]), RawEvent(str(item) if item is not None and etype != "search" else None, etype, ts,
+                                           o.get("query") if etype == "search" else None)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def load(path: str, fmt: str = "auto", catalog: str | None = None) -> Dataset:
     """Parse a data file into time-ordered per-user raw histories."""
     if not path or not os.path.isfile(path):
@@ -118,20 +135,11 @@ def load(path: str, fmt: str = "auto", catalog: str | None = None) -> Dataset:
                     continue
                 per_user.setdefault(parts[0], []).append((0.0, n, RawEvent(parts[1], "click", 0.0, None)))
                 continue
-            try:
-                o = json.loads(line)
-                etype = o.get("type") or "click"
-                if etype not in EVENT_TYPES:
-                    raise ValueError(etype)
-                item = o.get("item_id")
-                if etype != "search" and not item:
-                    raise ValueError("item")
-                ts = _ts(o.get("ts", 0.0))
-                e = RawEvent(str(item) if item is not None and etype != "search" else None, etype, ts,
-                             o.get("query") if etype == "search" else None)
-                per_user.setdefault(str(o["user_id"]), []).append((ts, n, e))
-            except (ValueError, KeyError, TypeError, AttributeError):
+            parsed = parse_event_line(line)
+            if parsed is None:
                 skipped += 1
+                continue
+            per_user.setdefault(parsed[0], []).append((parsed[1].ts, n, parsed[1]))
     if not per_user:
         raise UserError(f"no valid {fmt} records in {path}; check --format (jsonl or pairs)")
     users = list(per_user)

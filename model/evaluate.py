@@ -35,9 +35,17 @@ ScoreFn = Callable[[list[list[RawEvent]], "np.ndarray | None"], np.ndarray]
 def rank_metrics(greater: np.ndarray, ties: np.ndarray, k: int) -> dict[str, float]:
     """Mean HR@k, NDCG@k, MRR of a target with `greater` items scored above it and `ties`
     other items scored equal, expected over uniform random tie-breaking."""
+    if len(greater) == 0:
+        return {"hr": 0.0, "ndcg": 0.0, "mrr": 0.0}
+    hr, ndcg, mrr = rank_values(greater, ties, k)
+    return {"hr": float(hr.mean()), "ndcg": float(ndcg.mean()), "mrr": float(mrr.mean())}
+
+
+def rank_values(greater: np.ndarray, ties: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-target HR@k, NDCG@k and MRR (expected over tie-breaking), for rolling metrics."""
     g, t = np.asarray(greater, np.int64), np.asarray(ties, np.int64)
     if len(g) == 0:
-        return {"hr": 0.0, "ndcg": 0.0, "mrr": 0.0}
+        return np.zeros(0), np.zeros(0), np.zeros(0)
     top = int((g + t).max()) + 2
     gain = np.where(np.arange(top) < k, 1.0 / np.log2(np.arange(top) + 2.0), 0.0)
     cg = np.concatenate([[0.0], np.cumsum(gain)])                 # cg[p] = sum of gain[:p]
@@ -46,7 +54,7 @@ def rank_metrics(greater: np.ndarray, ties: np.ndarray, k: int) -> dict[str, flo
     hr = (np.clip(k - g, 0, None).clip(max=t + 1)) / n
     ndcg = (cg[g + t + 1] - cg[g]) / n
     mrr = (ch[g + t + 1] - ch[g]) / n
-    return {"hr": float(hr.mean()), "ndcg": float(ndcg.mean()), "mrr": float(mrr.mean())}
+    return hr, ndcg, mrr
 
 
 def sample_negatives(splits: Sequence[Split], index: dict[str, int], n: int = 100, seed: int = 0) -> np.ndarray:
@@ -188,7 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="PATH", help="JSONL events or `user item` pairs file")
     parser.add_argument("--format", default="auto", choices=("auto", "jsonl", "pairs"))
     parser.add_argument("--catalog", metavar="FILE", help="JSONL catalog (item_id, title, category) for content")
-    parser.add_argument("--protocol", default="sampled", choices=("sampled", "full"))
+    parser.add_argument("--protocol", default="sampled", choices=("sampled", "full", "prequential"),
+                        help="prequential: test-then-train over a time-ordered JSONL stream (model/prequential.py)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--split", default="test", choices=("test", "valid"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
@@ -198,6 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the last N item events count as seen (default: the worker's setting)")
     parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    from model import prequential
+    prequential.add_arguments(parser)
 
 
 def worker_seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int]:
@@ -215,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
 
     from model.cache import pick_device
     t0 = time.time()
+    if args.protocol == "prequential":
+        return _run_prequential(args)
     ds = load(args.data, args.format, args.catalog)
     _, valid, test = leave_one_out(ds)
     splits = test if args.split == "test" else valid
@@ -233,6 +246,26 @@ def run(args: argparse.Namespace) -> int:
     for col in ("users", f"HR@{args.k}", f"NDCG@{args.k}", "MRR"):
         table.add_column(col, justify="right")
     table.add_row(str(res["users"]), f"{res['hr']:.4f}", f"{res['ndcg']:.4f}", f"{res['mrr']:.4f}")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def _run_prequential(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from model import prequential
+    res = prequential.run(args, worker_seen_policy(args.exclude_seen, args.exclude_seen_window))
+    table = Table(title=f"prequential · {res['mode']} · {res['events']} events, {res['updates']} updates "
+                        f"({res['published']} published)")
+    for col in ("model", f"HR@{args.k}", f"NDCG@{args.k}", "MRR", f"new-item HR@{args.k}"):
+        table.add_column(col, justify="right")
+    rows = [(res["mode"], res)] + ([("frozen", res["frozen"])] if "frozen" in res else [])
+    for name, m in rows:
+        table.add_row(name, f"{m['hr']:.4f}", f"{m['ndcg']:.4f}", f"{m['mrr']:.4f}", f"{m['new_item']['hr']:.4f}")
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:

@@ -39,6 +39,61 @@ def write_pairs(path: str, pairs: list[tuple[str, str]]) -> None:
         f.writelines(f"{u} {i}\n" for u, i in pairs)
 
 
+def drifting_stream(users: int, items: int, events: int, drift_at: float = 0.5, new_items: float = 0.1,
+                    shift: float = 0.5, seed: int = 0, groups: int = 8, p_follow: float = 0.6, zipf: float = 0.75,
+                    start_ts: float = 1.75e9, step_s: float = 1.0) -> list[tuple[str, str, float]]:
+    """(user, item, ts) in time order, one user's event per second: the bench of continual
+    learning (`streamrec bench freshness`). At `drift_at` of the stream the world changes:
+    `new_items` x `items` new items appear and take popular ranks, popularity reshuffles, a
+    `shift` share of each group's successor lists is redrawn and of the users change group
+    (interests move). `shift=0, new_items=0` is the stationary control."""
+    rng = np.random.default_rng(seed)
+    n_new = int(items * new_items)
+
+    def popularity(n: int) -> np.ndarray:
+        p = 1.0 / np.arange(1, n + 1) ** zipf
+        return p / p.sum()
+
+    pop1 = np.zeros(items + n_new)
+    pop1[:items] = popularity(items)[rng.permutation(items)]
+    pop2 = pop1.copy()
+    if shift or n_new:
+        ranks = rng.permutation(items + n_new)
+        if n_new:  # new items land among the most popular fifth
+            top = rng.choice((items + n_new) // 5, n_new, replace=False)
+            rest = np.setdiff1d(np.arange(items + n_new), top)
+            ranks = np.empty(items + n_new, np.int64)
+            ranks[items:] = top
+            ranks[:items] = rest[rng.permutation(items)]
+        mixed = popularity(items + n_new)[ranks]
+        pop2 = (1 - shift) * pop1 + shift * mixed if n_new == 0 else mixed
+        pop2 /= pop2.sum()
+    succ1 = rng.choice(items + n_new, size=(groups, items + n_new, 3), p=pop1)
+    succ2 = succ1.copy()
+    redraw = rng.random((groups, items + n_new)) < shift
+    redraw[:, items:] = True
+    succ2[redraw] = rng.choice(items + n_new, size=(int(redraw.sum()), 3), p=pop2)
+    group = rng.integers(0, groups, users)
+    group2 = np.where(rng.random(users) < shift, rng.integers(0, groups, users), group)
+    cur = np.full(users, -1)
+    who = rng.integers(0, users, events)
+    follow = rng.random(events) < p_follow
+    which = rng.choice(3, size=events, p=(0.6, 0.25, 0.15))
+    jumps1, jumps2 = rng.choice(items + n_new, events, p=pop1), rng.choice(items + n_new, events, p=pop2)
+    cut = int(events * drift_at)
+    out = []
+    for t in range(events):
+        u = who[t]
+        late = t >= cut
+        if cur[u] >= 0 and follow[t]:
+            nxt = (succ2 if late else succ1)[(group2 if late else group)[u], cur[u], which[t]]
+        else:
+            nxt = (jumps2 if late else jumps1)[t]
+        cur[u] = nxt
+        out.append((f"u{u}", f"i{nxt}", start_ts + t * step_s))
+    return out
+
+
 if __name__ == "__main__":  # python -m model.synthetic OUT [users items avg_len seed]
     import sys
     a = sys.argv[1:]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.data import Dataset, leave_one_out, load
-from model.features import ItemIndex, RawEvent, encode
+from model.features import Batch, ItemIndex, RawEvent, encode
 from model.transformer import SeqRec
 
 EXAMPLES = """examples:
@@ -85,7 +85,7 @@ def lr_scale(schedule: str, progress: float) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batches(lengths: torch.Tensor, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
+def length_batches(lengths: torch.Tensor, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Shuffled batches of similar length (sorted within shuffled pools) to cut padding."""
     perm = torch.randperm(len(lengths), generator=gen)
     out = []
@@ -96,6 +96,15 @@ def _batches(lengths: torch.Tensor, bs: int, gen: torch.Generator) -> list[torch
         out += list(torch.split(p, bs))
     order = torch.randperm(len(out), generator=gen).tolist()
     return [out[i] for i in order]
+
+
+def batch_rows(b_all: Batch, y_all: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
+               device: torch.device) -> tuple[Batch, torch.Tensor]:
+    """Rows `idx` of the training tensors, trimmed to their longest sequence, on `device`."""
+    T = int(lengths[idx].max())
+    b = Batch(*(getattr(b_all, f)[idx, -T:] if f != "qtok" else b_all.qtok
+                for f in ("item", "etype", "gap", "qidx", "qtok", "valid"))).to(device)
+    return b, y_all[idx, -T:].to(device)
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
@@ -153,7 +162,7 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def _loss(model: SeqRec, h: torch.Tensor, y: torch.Tensor, tc: TrainConfig, logq: torch.Tensor | None):
+def item_loss(model: SeqRec, h: torch.Tensor, y: torch.Tensor, tc: TrainConfig, logq: torch.Tensor | None):
     M = model.item_matrix()
     if logq is None:  # row 0 is OOV/padding: never a class
         return ChunkedSoftmaxCE.apply(h, M[1:], y - 1, 64 if h.device.type == "cpu" else 4096,
@@ -221,18 +230,15 @@ def train(ds: Dataset, mc: ModelConfig, tc: TrainConfig, device: torch.device, o
             t0, c0 = time.time(), time.process_time()
             model.train()
             tot, nb = 0.0, 0
-            batches = _batches(lengths, tc.batch_size, gen)
+            batches = length_batches(lengths, tc.batch_size, gen)
             for bi, idx in enumerate(batches):
                 progress = max((time.time() - t_start) / (tc.max_minutes * 60), (epoch - 1 + bi / len(batches)) / tc.epochs)
                 for group in opt.param_groups:
                     group["lr"] = tc.lr * lr_scale(tc.schedule, progress)
-                T = int(lengths[idx].max())
-                b = type(b_all)(*(getattr(b_all, f)[idx, -T:] if f != "qtok" else b_all.qtok
-                                  for f in ("item", "etype", "gap", "qidx", "qtok", "valid"))).to(device)
-                y = y_all[idx, -T:].to(device)
+                b, y = batch_rows(b_all, y_all, idx, lengths, device)
                 h = model(b)
                 m = y > 0
-                loss = _loss(model, h[m], y[m], tc, logq)
+                loss = item_loss(model, h[m], y[m], tc, logq)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

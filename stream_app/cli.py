@@ -22,6 +22,7 @@ COMMANDS: dict[str, Command] = {
     "produce": Command("stream_app.testing.traffic", "send events (synthetic or from a JSONL file) to the events topic"),
     "forget": Command("stream_app.clients.forget", "erase users: state (changelog tombstone), caches, latest recommendations"),
     "synth": Command("stream_app.testing.synth", "write a deterministic synthetic clickstream (and catalog) to files"),
+    "learn": Command("stream_app.runtime.learner", "continual learner: fine-tune on the live stream, publish gated checkpoints"),
     "train": Command("model.train", "train the sequential transformer recommender"),
     "eval": Command("model.evaluate", "evaluate a checkpoint or a baseline (sampled or full ranking)"),
     "bench": Command("stream_app.bench", "benchmarks: inference, pipeline, chaos, hostile, soak, broker, quality"),

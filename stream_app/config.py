@@ -8,6 +8,11 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.config import LearnConfig
+
+
+_LEARN = LearnConfig()  # the learner's defaults live with its algorithm; offline eval uses the same
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="ignore")
@@ -141,6 +146,26 @@ class Settings(BaseSettings):
                                      "nothing from more and stall when cores are shared (LayerNorm 20 us -> 8 ms)."
     )
     dtype: str = Field("fp32", pattern="^(fp32|bf16)$", description="Inference dtype on CUDA (fp32 or bf16).")
+
+    # --- Continual learning (`streamrec learn`, model/continual.py) -------------
+    learn_group: str = Field("streamrec-learner", min_length=1,
+                             description="Consumer group of `streamrec learn` (its committed offsets).")
+    learn_interval_s: float = Field(
+        _LEARN.interval_s, gt=0, description="The learner updates at least this often (seconds) ...")
+    learn_every_events: int = Field(_LEARN.every_events, ge=1, description="... or after this many new events.")
+    learn_update_s: float = Field(
+        _LEARN.update_s, gt=0, description="Fine-tune budget of one update (seconds); keep it under learn_interval_s.")
+    learn_memory_mb: float = Field(
+        _LEARN.memory_mb, gt=0, description="Learner memory for recent per-user histories and the replay sample.")
+    learn_margin: float = Field(
+        _LEARN.margin, ge=0, description="A candidate is published only if its NDCG@10 on the held-out recent "
+                                         "events beats the serving model's by more than this.")
+    min_item_events: int = Field(
+        _LEARN.min_item_events, ge=1, description="Events before a new item gets its own ID row in the model.")
+    learn_threads: int = Field(1, ge=1, le=256, description="CPU threads of the learner's training (its core cap).")
+    learn_device: str = Field("auto", description="Learner device: auto (CUDA if present), cpu, cuda, cuda:N.")
+    learn_keep: int = Field(5, ge=1, description="Published versions the learner keeps in model_dir (older pruned).")
+    learn_port: int = Field(6067, ge=0, le=65535, description="HTTP port of the learner's /metrics.")
 
     # --- Serving / observability ---------------------------------------------
     web_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz, lookups.")

@@ -94,6 +94,9 @@ BROKER_DOWN_SECONDS = Gauge("streamrec_broker_unreachable_seconds",
 EXPIRED_USERS = Counter("streamrec_expired_users_total", "Users dropped by the inactivity TTL.",
                         registry=REGISTRY)
 
+MODEL_AGE = Gauge("streamrec_model_age_seconds", "Seconds since the served checkpoint was written, by variant.",
+                  ["variant"], registry=REGISTRY)
+
 # --- stage profile (docs/operations.md, "Where a worker's time goes") -----------------
 STAGES = ("decode", "state_read", "update", "rank", "state_write", "send")
 STAGE_SECONDS = Counter("streamrec_stage_seconds_total",
@@ -118,6 +121,37 @@ for _r in REASONS:
     INVALID.labels(_r)
 for _p in ("step", "rebuild", "score"):
     INFERENCE_SECONDS.labels(_p)
+
+
+# --- the continual learner (`streamrec learn`): a process of its own, so a registry of its own ----------
+LEARNER_REGISTRY = CollectorRegistry(auto_describe=True)
+PREQUENTIAL_HR = Gauge("streamrec_prequential_hr", "Test-then-train HR@10 over the last N scored events, by model "
+                       "(serving: what the worker serves; candidate: the learner's latest).", ["model"],
+                       registry=LEARNER_REGISTRY)
+PREQUENTIAL_NDCG = Gauge("streamrec_prequential_ndcg", "Test-then-train NDCG@10 over the last N scored events.",
+                         ["model"], registry=LEARNER_REGISTRY)
+PREQUENTIAL_NEW_ITEM_HR = Gauge("streamrec_prequential_new_item_hr",
+                                "Test-then-train HR@10 on items first seen less than a day before.", ["model"],
+                                registry=LEARNER_REGISTRY)
+LEARNER_EVENTS = Counter("streamrec_learner_events_total", "Valid events the learner took in.",
+                         registry=LEARNER_REGISTRY)
+LEARNER_SKIPPED = Counter("streamrec_learner_skipped_total", "Messages the learner skipped, by DLQ reason.",
+                          ["reason"], registry=LEARNER_REGISTRY)
+LEARNER_UPDATES = Counter("streamrec_learner_updates_total", "Learner updates by outcome: published, or kept "
+                          "aside as not_better or no_holdout.", ["outcome"], registry=LEARNER_REGISTRY)
+LEARNER_UPDATE_SECONDS = Histogram("streamrec_learner_update_seconds", "Wall time of one learner update.",
+                                   buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300), registry=LEARNER_REGISTRY)
+LEARNER_VOCABULARY = Gauge("streamrec_learner_vocabulary_items", "Items with their own ID row in the serving model.",
+                           registry=LEARNER_REGISTRY)
+LEARNER_KEPT = Gauge("streamrec_learner_kept_events", "Events the learner holds, by kind (recent, replay).",
+                     ["kind"], registry=LEARNER_REGISTRY)
+LEARNER_LAST_PUBLISH = Gauge("streamrec_learner_last_publish_timestamp_seconds",
+                             "Unix time of the learner's last published checkpoint (0 = none yet).",
+                             registry=LEARNER_REGISTRY)
+for _o in ("published", "not_better", "no_holdout"):
+    LEARNER_UPDATES.labels(_o)
+for _r in REASONS:
+    LEARNER_SKIPPED.labels(_r)
 
 
 def render() -> bytes:

@@ -42,6 +42,7 @@ CATALOG_TOPIC = FIELDS["catalog_topic"].default
 REQUIRED_ALERTS = {
     "StreamrecWorkerDown", "StreamrecConsumerLagGrowing", "StreamrecDeadLetterRateHigh",
     "StreamrecLatencyP99High", "StreamrecNoRecommendations", "StreamrecCacheHitRatioLow",
+    "StreamrecServedModelStale",
 }
 METRIC_RE = re.compile(r"\bstreamrec_[a-zA-Z0-9_]+\b")
 ENV_RE = re.compile(r"\bSTREAMREC_[A-Z0-9_]+\b")
@@ -215,7 +216,7 @@ def _registry_samples() -> dict[str, set[str]]:
     from stream_app import metrics
 
     out: dict[str, set[str]] = {}
-    for fam in metrics.REGISTRY.collect():
+    for fam in [*metrics.REGISTRY.collect(), *metrics.LEARNER_REGISTRY.collect()]:
         if fam.type == "counter":
             names = {fam.name + "_total", fam.name + "_created"}
         elif fam.type == "histogram":

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   streamrec bench broker --json broker.json
   streamrec bench quality --data beauty.pairs.gz --json quality.json --plot quality.png
   streamrec bench replay --data beauty.pairs.gz --json replay.json
+  streamrec bench freshness --json freshness.json --plot freshness.png
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -26,6 +27,7 @@ BENCHES = {
     "quality": ("stream_app.bench.quality", "train with the defaults; test split, sampled and full ranking, vs baselines"),
     "broker": ("stream_app.bench.broker", "embedded broker: fetch latency as a partition's stored batches grow"),
     "replay": ("stream_app.bench.replay", "bulk replay of a dataset's histories: end-to-end rate vs the worker's"),
+    "freshness": ("stream_app.bench.freshness", "drifting stream: continual learner vs frozen model, A/B on a live worker"),
 }
 
 

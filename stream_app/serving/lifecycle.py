@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -24,10 +25,11 @@ META = "checkpoint.json"
 
 
 def newest_checkpoint(path: Path) -> Path | None:
-    """`path` itself if it is a checkpoint, else its newest checkpoint subdirectory."""
+    """`path` itself if it is a checkpoint, else its newest checkpoint subdirectory. Hidden
+    directories are checkpoints still being written (docs/design.md, "Published checkpoints are whole")."""
     if (path / META).is_file():
         return path
-    found = [p for p in path.iterdir() if (p / META).is_file()] if path.is_dir() else []
+    found = [p for p in path.iterdir() if not p.name.startswith(".") and (p / META).is_file()] if path.is_dir() else []
     return max(found, key=lambda p: ((p / META).stat().st_mtime, p.name), default=None)
 
 
@@ -104,6 +106,8 @@ class Lifecycle:
         self.arms[variant] = rec
         self.served[variant] = ckpt
         metrics.MODEL_INFO.labels(rec.version, rec.variant).set(1)
+        created = rec.created_at or (ckpt / META).stat().st_mtime
+        metrics.MODEL_AGE.labels(rec.variant).set_function(lambda: time.time() - created)
         log.info("serving %s as variant %s", rec.version, rec.variant)
 
     def _compose(self):

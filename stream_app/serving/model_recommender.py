@@ -94,6 +94,7 @@ class ModelRecommender:
         self.vectors = torch.zeros(self.n_slots, cfg.dim, device=device, dtype=dtype)  # latest per slot
         self.slots = SlotLRU(self.n_slots)
         self.version: str = self.meta["version"]
+        self.created_at: float | None = self.meta.get("created_at")  # checkpoints before it: file time
         self.variant = variant
         self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries,
                                                             seen_policy=settings.seen_policy)

@@ -46,23 +46,27 @@ def isolated_settings(bootstrap: str, name: str, workdir: Path, **overrides) -> 
 
 
 class WorkerProcess:
-    """`streamrec worker` as a child process (dies with its parent), log to a file."""
+    """`streamrec worker` (or, with command="learn", the learner) as a child process (dies
+    with its parent), log to a file."""
 
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None,
+                 command: str = "worker") -> None:
         self.settings = settings
         self.log_path = log_path
         self.extra_env = extra_env or {}
+        self.command = command
         self.proc: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+        port = self.settings.learn_port if self.command == "learn" else self.settings.web_port
+        return f"http://{self.settings.web_host}:{port}"
 
     def start(self) -> "WorkerProcess":
         env = {**os.environ, **settings_env(self.settings), **self.extra_env, "PYTHONUNBUFFERED": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.proc = spawn([sys.executable, "-m", "stream_app.cli", "worker"], env=env, stdout=log,
+        self.proc = spawn([sys.executable, "-m", "stream_app.cli", self.command], env=env, stdout=log,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         return self
@@ -90,6 +94,19 @@ class WorkerProcess:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+
+    def wait_metrics(self, timeout: float = 90.0) -> "WorkerProcess":
+        """Until /metrics answers (the learner's readiness); fail fast if the process died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.command} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.get("/metrics", 2)
+                return self
+            except OSError:
+                time.sleep(0.25)
+        raise TimeoutError(f"{self.command} /metrics not up after {timeout}s:\n{self.log_tail()}")
 
     def get(self, path: str, timeout: float = 5.0) -> bytes:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as resp:
