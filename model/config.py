@@ -63,7 +63,8 @@ class LearnConfig:
     lr: float = 5e-4
     batch_size: int = 128
     min_item_events: int = 5      # events before a new item gets its own ID row
-    holdout_share: float = 0.1    # the window's most recent item events: the gate's test set
+    holdout_share: float = 0.1    # the window's most recent item events: the gate's test set ...
+    holdout_max: int = 2000       # ... at most this many (enough to rank two models, cheap to score)
     margin: float = 0.0           # candidate NDCG@k must exceed serving's by more than this
     eval_window: int = 2000       # rolling prequential metrics: last N scored events
     k: int = 10

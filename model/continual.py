@@ -126,10 +126,10 @@ class Learner:
             self.users.move_to_end(user)
         hist = entry[0]
         is_item = ev.item_id is not None and ev.type != "search"
-        if is_item:
-            self.first_seen.setdefault(ev.item_id, ev.ts)
+        if is_item and ev.item_id not in self.known and ev.item_id not in self.first_seen:
+            self._first_seen(ev.item_id, ev.ts)
         if test and is_item and hist:
-            young = ev.item_id not in self.known and ev.ts - self.first_seen[ev.item_id] < NEW_ITEM_AGE_S
+            young = ev.item_id not in self.known and ev.ts - self.first_seen.get(ev.item_id, -1e18) < NEW_ITEM_AGE_S
             self.pending.append((tuple(hist), ev.item_id, young))
             if len(self.pending) >= SCORE_BATCH:
                 self.score_pending()
@@ -142,6 +142,12 @@ class Learner:
             self.window.append((user, entry[1]))
             self.events += 1
         self._evict()
+
+    def _first_seen(self, item: str, ts: float) -> None:
+        """When an unknown item first appeared; items older than a day are dropped when it grows."""
+        self.first_seen[item] = ts
+        if len(self.first_seen) > MAX_COUNTED_ITEMS:
+            self.first_seen = {i: t for i, t in self.first_seen.items() if ts - t < NEW_ITEM_AGE_S}
 
     def _count_new(self, item: str) -> None:
         """Events per not-yet-trained item; a stream of junk IDs cannot grow it without bound."""
@@ -247,7 +253,8 @@ class Learner:
         """(holdout contexts and targets, training histories). The holdout is the window's most
         recent item events; each touched user trains on its history before its first held-out one."""
         item_events = [(u, n) for u, n in self.window if self._event(u, n) is not None]
-        h = max(1, int(len(item_events) * self.cfg.holdout_share)) if len(item_events) >= 20 else 0
+        h = min(self.cfg.holdout_max, max(1, int(len(item_events) * self.cfg.holdout_share)))
+        h = h if len(item_events) >= 20 else 0
         cut: dict[str, int] = {}
         ctx, tgt = [], []
         for u, n in item_events[len(item_events) - h:] if h else []:

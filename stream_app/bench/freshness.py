@@ -30,13 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--prefix", type=int, default=100_000, help="stationary events the checkpoint trains on")
     parser.add_argument("--events", type=int, default=60_000, help="events after the drift, produced at --rate")
-    parser.add_argument("--rate", type=float, default=400.0, help="events/s after the prefix")
+    parser.add_argument("--rate", type=float, default=200.0, help="events/s after the prefix")
     parser.add_argument("--drift", type=float, default=0.5, help="shift share (0 = stationary control)")
     parser.add_argument("--new-items", type=float, default=0.1, help="new items, as a share of --items")
-    parser.add_argument("--learn-interval-s", type=float, default=30.0)
-    parser.add_argument("--learn-update-s", type=float, default=15.0)
+    parser.add_argument("--learn-interval-s", type=float, default=20.0)
+    parser.add_argument("--learn-update-s", type=float, default=8.0)
     parser.add_argument("--train-minutes", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--offline", action="store_true", help="no Kafka: the same stream through "
+                        "`eval --protocol prequential`'s replay, with the learner's default settings")
     parser.add_argument("--json", type=Path, default=Path("freshness.json"))
     parser.add_argument("--plot", type=Path, default=Path("freshness.png"))
 
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"freshness: {args.users} users, {args.items} items, {args.prefix} stationary events, then "
                   f"{args.events} drifting at {args.rate:.0f}/s; work dir {work}")
     known = train_prefix(stream[: args.prefix], work / "continual" / "v0", args.train_minutes, args.seed)
+    if args.offline:
+        return run_offline(args, stream, work / "continual" / "v0", console)
     shutil.copytree(work / "continual" / "v0", work / "frozen" / "v0")
     with EmbeddedBroker() as broker:
         settings = isolated_settings(broker.bootstrap, "fresh", work, model_dir=work / "continual",
@@ -127,7 +131,15 @@ def run(args: argparse.Namespace) -> int:
         producer = EventProducer(settings.bootstrap_servers, settings.events_topic, BIG_BATCHES)
         producer.paced((event(n, *e) for n, e in enumerate(stream[: args.prefix])), rate=None)
         learner = WorkerProcess(settings, work / "learner.log", command="learn").start().wait_metrics(120)
-        console.print("prefix sent; learner up; drifting stream starts")
+        # a learner that has been running all along: it has read the prefix and updated once
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            m = learner.metrics()
+            if m.get("streamrec_learner_events_total", 0) >= args.prefix and \
+                    metric_sum(m, "streamrec_learner_updates_total") >= 1:
+                break
+            time.sleep(1)
+        console.print("prefix sent; learner caught up and updated; the drifting stream starts")
         sent_at: list[float] = []
         t0, c0 = time.time(), cpu_seconds(learner.proc.pid)
 
@@ -159,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         reader.close()
         producer.close()
         worker.stop()
-    updates = [json.loads(line) for line in (settings.state_dir / "learner" / "updates.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (settings.state_dir / "learner" / "updates.jsonl").read_text().splitlines()]
+    updates = [u for u in logged if u["at"] >= t0]  # those that finished during the drifting stream
     rows = join(stream, recs, args.prefix, known)
     first_served = {}
     for r in recs:
@@ -189,6 +202,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_offline(args: argparse.Namespace, stream: list, ckpt: Path, console) -> int:
+    """Frozen vs continual test-then-train on the same stream, on the events' own clock."""
+    from model import checkpoint
+    from model.config import LearnConfig
+    from model.evaluate import worker_seen_policy
+    from model.features import RawEvent
+    from model.prequential import replay
+    model, _ = checkpoint.load(str(ckpt))
+    events = [(u, RawEvent(i, "click", ts)) for u, i, ts in stream]
+    res = replay(events, model, LearnConfig(), stream[args.prefix][2], True, worker_seen_policy(), progress=True)
+    result = {"mode": "offline", "frozen_hr": res["frozen"]["hr"], "continual_hr": res["hr"],
+              "new_item_hr_frozen": res["frozen"]["new_item"]["hr"], "new_item_hr_continual": res["new_item"]["hr"],
+              "updates": res["updates"], "published": res["published"],
+              "update_seconds_p50": res["update_seconds_p50"], "learner_cpu_pct": None,
+              "swap_to_first_served_s": None, "swap_to_first_served_s_p50": None, "prequential": res,
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                         if not k.startswith("_")}}
+    result["hr_ratio"] = result["continual_hr"] / result["frozen_hr"] if result["frozen_hr"] else None
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(console, result)
+    console.print(f"wrote {args.json}")
+    return 0
+
+
 def print_table(console, r: dict) -> None:
     from rich.table import Table
     t = Table(title="freshness: continual (A) vs frozen (B), HR@10 of what users were shown")
@@ -200,7 +237,7 @@ def print_table(console, r: dict) -> None:
         t.add_row(name, f"{r[a]:.4f}", f"{r[b]:.4f}", f"{ratio:.2f}x")
     console.print(t)
     console.print(f"updates {r['updates']} ({r['published']} published), p50 {r['update_seconds_p50']} s, "
-                  f"max {r['update_seconds_max']} s; learner CPU {r['learner_cpu_pct']}% of one core; publish -> "
+                  f"max {r.get('update_seconds_max')} s; learner CPU {r['learner_cpu_pct']}% of one core; publish -> "
                   f"first served p50 {r['swap_to_first_served_s_p50']} s, max {r['swap_to_first_served_s']} s")
 
 

@@ -82,31 +82,24 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 90.0) -> "WorkerProcess":
         """Until /readyz says the consumer has partitions; fail fast if the process died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/readyz", timeout=2) as resp:
-                    if json.load(resp).get("ready"):
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+        return self._wait("/readyz", lambda body: json.loads(body).get("ready"), timeout)
 
     def wait_metrics(self, timeout: float = 90.0) -> "WorkerProcess":
         """Until /metrics answers (the learner's readiness); fail fast if the process died."""
+        return self._wait("/metrics", lambda body: True, timeout)
+
+    def _wait(self, path: str, ok: Callable[[bytes], Any], timeout: float) -> "WorkerProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"{self.command} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                self.get("/metrics", 2)
-                return self
+                if ok(self.get(path, 2)):
+                    return self
             except OSError:
-                time.sleep(0.25)
-        raise TimeoutError(f"{self.command} /metrics not up after {timeout}s:\n{self.log_tail()}")
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.command} {path} not ready after {timeout}s:\n{self.log_tail()}")
 
     def get(self, path: str, timeout: float = 5.0) -> bytes:
         with urllib.request.urlopen(self.base_url + path, timeout=timeout) as resp:

@@ -149,3 +149,22 @@ def test_prequential_replay_json_and_file_reader(tmp_path):
     # the frozen model tracked inside the continual run scores exactly as the frozen run
     assert cont["frozen"]["hr"] == pytest.approx(frozen["hr"]) and cont["frozen"]["events"] == frozen["events"]
     assert np.isfinite(cont["update_seconds_p50"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_learner_on_cuda_grows_fine_tunes_and_publishes_a_cpu_loadable_checkpoint(tmp_path):
+    from model import checkpoint
+    items = [f"i{n}" for n in range(40)]
+    out = []
+    cfg = LearnConfig(every_events=400, min_events=100, update_s=10.0, min_item_events=3, margin=-1.0)
+    lr = Learner(tiny_model(items).to("cuda"), cfg, SEEN,
+                 publish=lambda m, r: out.append(checkpoint.publish(str(tmp_path), m, {}, {"parent": None})) or out[-1])
+    for u, e in stream(events=1200, new_items=0.2):
+        lr.observe(u, e, e.ts)
+        if lr.due(e.ts):
+            lr.update(e.ts)
+    assert out and lr.serving.device.type == "cuda" and lr.serving.cfg.n_items > 40
+    loaded, _ = checkpoint.load(str(tmp_path / out[-1]))
+    hist = [[RawEvent("i1"), RawEvent("i2"), RawEvent("i3")]]
+    assert torch.allclose(loaded.user_vectors(hist), lr.serving.user_vectors(hist).cpu(), atol=1e-4)
