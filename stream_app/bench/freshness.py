@@ -228,7 +228,8 @@ def run_offline(args: argparse.Namespace, stream: list, ckpt: Path, console) -> 
 
 def print_table(console, r: dict) -> None:
     from rich.table import Table
-    t = Table(title="freshness: continual (A) vs frozen (B), HR@10 of what users were shown")
+    t = Table(title="freshness offline: prequential HR@10, continual vs frozen" if r.get("mode") == "offline"
+              else "freshness: continual (A) vs frozen (B), HR@10 of what users were shown")
     for col in ("", "frozen", "continual", "ratio"):
         t.add_column(col, justify="right")
     for name, a, b in (("all items", "frozen_hr", "continual_hr"),
@@ -236,9 +237,11 @@ def print_table(console, r: dict) -> None:
         ratio = r[b] / r[a] if r[a] else float("inf")
         t.add_row(name, f"{r[a]:.4f}", f"{r[b]:.4f}", f"{ratio:.2f}x")
     console.print(t)
-    console.print(f"updates {r['updates']} ({r['published']} published), p50 {r['update_seconds_p50']} s, "
-                  f"max {r.get('update_seconds_max')} s; learner CPU {r['learner_cpu_pct']}% of one core; publish -> "
-                  f"first served p50 {r['swap_to_first_served_s_p50']} s, max {r['swap_to_first_served_s']} s")
+    console.print(f"updates {r['updates']} ({r['published']} published), p50 {r['update_seconds_p50'] or 0:.2f} s")
+    if r.get("mode") != "offline":
+        console.print(f"update max {r['update_seconds_max']} s; learner CPU {r['learner_cpu_pct']}% of one core; "
+                      f"publish -> first served p50 {r['swap_to_first_served_s_p50']} s, max "
+                      f"{r['swap_to_first_served_s']} s")
 
 
 def plot(rows: list[dict], sent_at: list[float], first: int, publishes: list[float], t0: float, path: Path,
