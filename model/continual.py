@@ -31,12 +31,18 @@ from model.seen import excluded
 from model.train import (FULL_SOFTMAX_MAX_ITEMS, TrainConfig, batch_rows, item_loss, length_batches,
                          training_tensors)
 from model.transformer import SeqRec
-from model.vocab import grow, neighbours
+from model.vocab import grow, neighbours, untrained
 
 EVENT_BYTES = 200      # one kept RawEvent with its strings, for the memory budget
 NEW_ITEM_AGE_S = 86_400.0
 SCORE_BATCH = 256
 MAX_COUNTED_ITEMS = 1_000_000
+
+
+def first_number(entry: list) -> int:
+    """Event number (1 = the user's first ever) of the oldest event a users entry still keeps."""
+    hist, total = entry
+    return total - len(hist) + 1
 
 
 class Rolling:
@@ -108,7 +114,7 @@ class Learner:
         self.pending: list[tuple[tuple[RawEvent, ...], str, bool]] = []
         self.metrics: dict[str, Rolling] = {}
         self.new_item_metrics: dict[str, Rolling] = {}
-        self.events = self.updates = self.published = 0
+        self.updates = 0
         self.last_update: float | None = None
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -136,11 +142,10 @@ class Learner:
         self.kept += len(hist) < self.cfg.history
         hist.append(ev)
         entry[1] += 1
-        if is_item and self.serving.items.index.get(ev.item_id, 1 << 62) > self.serving.items.n_trained:
+        if is_item and untrained(self.serving, ev.item_id):
             self._count_new(ev.item_id)
         if test:
             self.window.append((user, entry[1]))
-            self.events += 1
         self._evict()
 
     def _first_seen(self, item: str, ts: float) -> None:
@@ -243,9 +248,7 @@ class Learner:
         if reason is None:
             report["version"] = self.publish(model, report) if self.publish else None
             self.serving = model
-            self.published += 1
-            self.counts = Counter({i: c for i, c in self.counts.items() if i not in model.items.index
-                                   or model.items.index[i] > model.items.n_trained})
+            self.counts = Counter({i: c for i, c in self.counts.items() if untrained(model, i)})
         self._close_window(now)
         return report
 
@@ -255,23 +258,19 @@ class Learner:
         item_events = [(u, n) for u, n in self.window if self._event(u, n) is not None]
         h = min(self.cfg.holdout_max, max(1, int(len(item_events) * self.cfg.holdout_share)))
         h = h if len(item_events) >= 20 else 0
+        kept = {u: list(self.users[u][0]) for u in dict.fromkeys(u for u, _ in self.window) if u in self.users}
         cut: dict[str, int] = {}
         ctx, tgt = [], []
         for u, n in item_events[len(item_events) - h:] if h else []:
-            hist, total = self.users[u]
-            first = total - len(hist) + 1          # event number of hist[0]
-            context = list(hist)[: n - first]
-            if context:
-                ctx.append(context)
-                tgt.append(hist[n - first].item_id)
+            pos = n - first_number(self.users[u])
+            if pos:
+                ctx.append(kept[u][:pos])
+                tgt.append(kept[u][pos].item_id)
             cut[u] = min(cut.get(u, n), n)
         seqs = []
-        for u in dict.fromkeys(u for u, _ in self.window):
-            if u not in self.users:
-                continue
-            hist, total = self.users[u]
-            first = total - len(hist) + 1
-            seq = list(hist)[: cut.get(u, total + 1) - first]
+        for u, hist in kept.items():
+            total = self.users[u][1]
+            seq = hist[: cut.get(u, total + 1) - first_number(self.users[u])]
             if len(seq) >= 2:
                 seqs.append(seq)
         return (ctx, tgt), seqs
@@ -281,8 +280,8 @@ class Learner:
         entry = self.users.get(user)
         if entry is None:
             return None
-        hist, total = entry
-        pos = n - (total - len(hist) + 1)
+        hist = entry[0]
+        pos = n - first_number(entry)
         if pos < 1 or pos >= len(hist):
             return None
         e = hist[pos]

@@ -19,6 +19,11 @@ from model.features import ItemIndex, RawEvent
 from model.transformer import SeqRec
 
 
+def untrained(model: SeqRec, item: str) -> bool:
+    """The item has no ID row of its own in `model` (unknown, or known only by its content)."""
+    return model.items.index.get(item, model.items.n_trained + 1) > model.items.n_trained
+
+
 def neighbours(histories: Iterable[Sequence[RawEvent]], wanted: set[str], span: int = 2) -> dict[str, Counter]:
     """For each wanted item, how often each other item occurs within `span` events of it."""
     out: dict[str, Counter] = {i: Counter() for i in wanted}
@@ -36,7 +41,7 @@ def grow(model: SeqRec, new_items: Sequence[str], near: dict[str, Counter] | Non
 
     Items already trained are ignored. Catalog items known only by content keep their content."""
     old = model.items
-    add = [i for i in dict.fromkeys(new_items) if old.index.get(i, old.n_trained + 1) > old.n_trained]
+    add = [i for i in dict.fromkeys(new_items) if untrained(model, i)]
     ids = old.ids[1: old.n_trained + 1] + add
     cfg = replace(model.cfg, n_items=len(ids))
     grown = SeqRec(cfg, ItemIndex(ids, cfg, old.meta or None)).to(model.device)

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_prefix(prefix: list, out: Path, minutes: float, seed: int) -> set[str]:
     """Train the starting checkpoint on the prefix; returns its item vocabulary."""
+    import torch
+
     from model.config import ModelConfig
     from model.data import Dataset
     from model.features import RawEvent
@@ -55,7 +57,7 @@ def train_prefix(prefix: list, out: Path, minutes: float, seed: int) -> set[str]
     items = list(dict.fromkeys(i for _, i, _ in prefix))
     ds = Dataset(list(per_user), list(per_user.values()), items, path="drifting_stream", format="jsonl")
     cfg: ModelConfig = model_config_for(ds)
-    train(ds, cfg, TrainConfig(max_minutes=minutes, seed=seed), __import__("torch").device("cpu"), str(out))
+    train(ds, cfg, TrainConfig(max_minutes=minutes, seed=seed), torch.device("cpu"), str(out))
     return set(items)
 
 
@@ -140,25 +142,16 @@ def run(args: argparse.Namespace) -> int:
                 break
             time.sleep(1)
         console.print("prefix sent; learner caught up and updated; the drifting stream starts")
-        sent_at: list[float] = []
+        sent_before = producer.sent
         t0, c0 = time.time(), cpu_seconds(learner.proc.pid)
-
-        def feed() -> None:
-            for n in range(args.prefix, total):
-                ahead = t0 + (n - args.prefix) / args.rate - time.time()
-                if ahead > 0:
-                    time.sleep(ahead)
-                producer.send(*event(n, *stream[n]))
-                sent_at.append(time.time())
-            producer.flush()
-
-        feeder = threading.Thread(target=feed, daemon=True)
+        drifting = (event(n, *stream[n]) for n in range(args.prefix, total))
+        feeder = threading.Thread(target=producer.paced, args=(drifting, args.rate), daemon=True)
         feeder.start()
         while feeder.is_alive():
             feeder.join(15)
             m = learner.metrics()
             hr = m.get('streamrec_prequential_hr{model="serving"}', 0.0)
-            console.print(f"{time.time() - t0:5.0f}s  sent {len(sent_at)}  learner updates "
+            console.print(f"{time.time() - t0:5.0f}s  sent {producer.sent - sent_before}  learner updates "
                           f"{metric_sum(m, 'streamrec_learner_updates_total'):.0f}  prequential HR@10 serving {hr:.3f}")
         wall = time.time() - t0
         cpu = cpu_seconds(learner.proc.pid) - c0
@@ -196,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     }
     result["hr_ratio"] = result["continual_hr"] / result["frozen_hr"] if result["frozen_hr"] else None
     args.json.write_text(json.dumps({**result, "update_log": updates}, indent=2) + "\n")
-    plot(rows, sent_at, args.prefix, [at for _, at in published], t0, args.plot)
+    plot(rows, args.rate, args.prefix, [at - t0 for _, at in published], args.plot)
     print_table(console, result)
     console.print(f"wrote {args.json} and {args.plot}")
     return 0
@@ -244,24 +237,24 @@ def print_table(console, r: dict) -> None:
                       f"{r['swap_to_first_served_s']} s")
 
 
-def plot(rows: list[dict], sent_at: list[float], first: int, publishes: list[float], t0: float, path: Path,
-         window: int = 2000) -> None:
-    """Rolling HR@10 of each variant over stream time, publishes marked."""
+def plot(rows: list[dict], rate: float, first: int, publishes: list[float], path: Path, window: int = 2000) -> None:
+    """Rolling HR@10 of each variant over stream time (event n is sent (n - first) / rate
+    seconds in, by the pacer), publishes marked (seconds in)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     fig, ax = plt.subplots(figsize=(8, 4))
     for variant, label, color in (("A", "continual", "tab:blue"), ("B", "frozen", "tab:gray")):
-        sel = [r for r in rows if r["variant"] == variant and r["n"] - first < len(sent_at)]
+        sel = [r for r in rows if r["variant"] == variant]
         if len(sel) < 10:
             continue
         w = min(window // 2, len(sel))
         hits = np.convolve([float(r["hit"]) for r in sel], np.ones(w) / w, mode="valid")
-        x = [sent_at[r["n"] - first] - t0 for r in sel][w - 1:]
+        x = [(r["n"] - first) / rate for r in sel][w - 1:]
         ax.plot(x, hits, color=color, label=f"{label} (rolling {w} events)")
     for i, at in enumerate(publishes):
-        ax.axvline(at - t0, color="tab:green", lw=0.6, alpha=0.6, label="learner publish" if i == 0 else None)
+        ax.axvline(at, color="tab:green", lw=0.6, alpha=0.6, label="learner publish" if i == 0 else None)
     ax.set_xlabel("seconds into the drifting stream")
     ax.set_ylabel("HR@10 of the lists users were shown")
     ax.legend(fontsize=8)

@@ -16,10 +16,14 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 
+from model import checkpoint
+from model.features import RawEvent
+from stream_app import metrics
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
+from stream_app.pipeline.events import InvalidEvent, decode_event
+from stream_app.serving.lifecycle import newest_checkpoint
 
 log = logging.getLogger("streamrec.learn")
 
@@ -50,10 +54,8 @@ class LearnerProcess:
     def __init__(self, settings: Settings) -> None:
         import torch
 
-        from model import checkpoint
         from model.cache import pick_device
         from model.continual import Learner
-        from stream_app.serving.lifecycle import newest_checkpoint
         root = settings.model_dir
         if root is None or (root / checkpoint.META).is_file():
             raise UserError("streamrec learn publishes into a directory of checkpoints: set STREAMREC_MODEL_DIR to "
@@ -70,14 +72,10 @@ class LearnerProcess:
         self.serving_dir, self.version = current, meta["version"]
         self.learner = Learner(model, learn_config(settings), settings.seen_policy, publish=self._publish)
         self.offsets: dict[int, int] = {}  # partition -> next offset, of events taken in
-        self.newest = newest_checkpoint
 
     # ---- input ------------------------------------------------------------------------
     def take(self, partition: int, offset: int, value: bytes | None) -> None:
         """One input record: an event for the learner, a forget, or a skipped message."""
-        from model.features import RawEvent
-        from stream_app import metrics
-        from stream_app.pipeline.events import InvalidEvent, decode_event
         self.offsets[partition] = offset + 1
         try:
             ev = decode_event(value, self.settings.max_event_bytes)
@@ -93,18 +91,16 @@ class LearnerProcess:
     # ---- updates ----------------------------------------------------------------------
     def adopt_newer(self) -> None:
         """A checkpoint someone else put in the model directory (a full retrain) becomes the base."""
-        from model import checkpoint
-        newest = self.newest(self.root)
-        if newest is not None and newest != self.serving_dir and newest.name != self.version:
+        newest = newest_checkpoint(self.root)
+        if newest is not None and newest != self.serving_dir:
             model, meta = checkpoint.load(str(newest), self.device)
             self.learner.serve(model)
             self.serving_dir, self.version = newest, meta["version"]
             log.info("adopted %s, published by someone else, as the base of the next updates", self.version)
 
     def update(self) -> dict:
-        """One update; returns its report (also appended to updates.jsonl)."""
-        from model import checkpoint
-        from stream_app import metrics
+        """One update; returns its report (also appended to updates.jsonl). No record is taken
+        in during it, so `self.offsets` are the offsets it covers."""
         self.adopt_newer()
         parent, offsets = self.version, dict(self.offsets)
         report = self.learner.update(time.time())
@@ -127,17 +123,13 @@ class LearnerProcess:
 
     def _manifest(self, report: dict) -> dict:
         m = self.learner.metrics
-        return {"parent": self.version, "input_offsets": {self.settings.events_topic: report.get("offsets")
-                                                          or dict(self.offsets)},
+        return {"parent": self.version, "input_offsets": {self.settings.events_topic: dict(self.offsets)},
                 "prequential": {name: {"hr": r.hr(), "ndcg": r.ndcg()} for name, r in m.items()},
                 "holdout": report["gate"], "update": {k: report[k] for k in ("update", "events", "new_items",
                                                                              "steps", "seconds")},
                 "published_at": time.time()}
 
     def _publish(self, model, report: dict) -> str:
-        from model import checkpoint
-        from stream_app import metrics
-        report.setdefault("offsets", dict(self.offsets))
         version = checkpoint.publish(str(self.root), model, {"continual": True}, self._manifest(report),
                                      keep=self.settings.learn_keep)
         self.serving_dir, self.version = self.root / version, version
@@ -145,7 +137,6 @@ class LearnerProcess:
         return version
 
     def export(self) -> None:
-        from stream_app import metrics
         lr = self.learner
         for name, r in lr.metrics.items():
             metrics.PREQUENTIAL_HR.labels(name).set(r.hr())
@@ -162,7 +153,6 @@ def run_learner(settings: Settings, stop: threading.Event) -> int:
     from kafka import KafkaConsumer, TopicPartition
     from prometheus_client import start_http_server
 
-    from stream_app import metrics
     from stream_app.transport.broker import wait_for_broker
     from stream_app.transport.security import kafka_python_options
 
