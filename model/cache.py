@@ -171,9 +171,14 @@ def _ts(e: Any) -> float:
 def topk(user_vectors: torch.Tensor, item_matrix: torch.Tensor, k: int,
          exclude: Sequence[Sequence[int]] | None = None,
          blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k item indices by dot product; row 0 (OOV), each user's `exclude` and the global
-    `blocked` indices (e.g. unavailable items) are never returned (their score is -inf)."""
-    scores = user_vectors.to(item_matrix.dtype) @ item_matrix.T
+    """Top-k item indices by dot product (the transformer alone); see `masked_topk`."""
+    return masked_topk(user_vectors.to(item_matrix.dtype) @ item_matrix.T, k, exclude, blocked)
+
+
+def masked_topk(scores: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of `scores` [B, N] (changed in place); row 0 (OOV), each user's `exclude` and the
+    global `blocked` indices (e.g. unavailable items) are never returned (their score is -inf)."""
     scores[:, 0] = float("-inf")
     if blocked is not None and len(blocked):
         scores[:, blocked.to(scores.device)] = float("-inf")
@@ -220,8 +225,12 @@ class ItemScorer:
         return v.to(self.dtype) if self.dtype is not None else v
 
     def topk(self, user_vectors: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None,
-             blocked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk(user_vectors, self.matrix(), k, exclude, blocked)
+             blocked: torch.Tensor | None = None,
+             recent: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k by the model's served score (the hybrid when the checkpoint has a transition
+        table; `recent` = each user's last item indices), never excluded or blocked items."""
+        with torch.inference_mode():
+            return masked_topk(self.model.scores(user_vectors, recent, self.matrix()), k, exclude, blocked)
 
     def item_ids(self, indices: torch.Tensor) -> list[list[str]]:
         ids = self.items.ids

@@ -30,7 +30,8 @@ WEIGHTS, META, MANIFEST = "weights.safetensors", "checkpoint.json", "manifest.js
 def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str:
     """Write the checkpoint; returns its version id (UTC time + weights hash)."""
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}  # index tensors (the transition table) stay integers
     path = os.path.join(out_dir, WEIGHTS)
     save_file(state, path)
     with open(path, "rb") as f:

@@ -25,12 +25,19 @@ class ModelConfig:
     max_content_tokens: int = 16
     max_query_ngrams: int = 48
     ngram: int = 3
+    # hybrid score (model/transition.py): + trans_weight * log(1 + t_u(i) / trans_eps) over the
+    # user's last trans_window items; weight and eps are chosen on validation by `streamrec train`
+    trans_window: int = 5
+    trans_weight: float = 0.0        # 0 = the transformer alone
+    trans_eps: float = 0.01
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
         if self.window < 1 or self.n_layers < 1:
             raise ValueError("window and n_layers must be >= 1")
+        if self.trans_window < 1 or self.trans_weight < 0 or self.trans_eps <= 0:
+            raise ValueError("trans_window must be >= 1, trans_weight >= 0 and trans_eps > 0")
 
     @property
     def receptive_field(self) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from model.config import LearnConfig
 from model.evaluate import rank_values
-from model.features import RawEvent
+from model.features import RawEvent, item_ids
 from model.seen import excluded
 from model.train import (FULL_SOFTMAX_MAX_ITEMS, TrainConfig, batch_rows, item_loss, length_batches,
                          training_tensors)
@@ -76,7 +76,8 @@ def rank_targets(model: SeqRec, contexts: Sequence[Sequence[RawEvent]], targets:
     items = model.items
     with torch.no_grad():
         u = model.user_vectors(contexts).float()
-        s = (u @ model.item_matrix().float().T).cpu().numpy().astype(np.float64)
+        recent = model.recent_items([item_ids(c) for c in contexts])
+        s = model.scores(u, recent, model.item_matrix().float()).cpu().numpy().astype(np.float64)
     s[:, 0] = -np.inf  # OOV row is never a recommendation
     n = s.shape[1]
     greater, ties = np.full(len(targets), n, np.int64), np.zeros(len(targets), np.int64)
@@ -221,7 +222,7 @@ class Learner:
         """Fine-tune a candidate from the serving model, gate it, publish it or keep it aside."""
         t0 = time.perf_counter()
         self.score_pending()
-        holdout, train_seqs = self._split_window()
+        holdout, train_seqs, fresh = self._split_window()
         new_items = [i for i, c in self.counts.items() if c >= self.cfg.min_item_events]
         model = copy.deepcopy(self.serving)
         if new_items:
@@ -229,6 +230,7 @@ class Learner:
         n_replay = min(len(self.replay), int(len(train_seqs) * self.cfg.replay_share))
         sample = [list(seq) for _, seq in self.rng.sample(self.replay, n_replay)]
         steps, loss = fine_tune(model, train_seqs + sample, self.cfg, self.gen, t0 + self.cfg.update_s)
+        refresh_transition(model, train_seqs, fresh)
         gate = {"holdout_events": len(holdout[0])}
         if holdout[0]:
             for name, m in (("serving", self.serving), ("candidate", model)):
@@ -252,9 +254,10 @@ class Learner:
         self._close_window(now)
         return report
 
-    def _split_window(self) -> tuple[tuple[list, list], list[list[RawEvent]]]:
-        """(holdout contexts and targets, training histories). The holdout is the window's most
-        recent item events; each touched user trains on its history before its first held-out one."""
+    def _split_window(self) -> tuple[tuple[list, list], list[list[RawEvent]], list[int]]:
+        """(holdout contexts and targets, training histories, where each history's events of this
+        window begin). The holdout is the window's most recent item events; each touched user
+        trains on its history before its first held-out one."""
         item_events = [(u, n) for u, n in self.window if self._event(u, n) is not None]
         h = min(self.cfg.holdout_max, max(1, int(len(item_events) * self.cfg.holdout_share)))
         h = h if len(item_events) >= 20 else 0
@@ -267,13 +270,17 @@ class Learner:
                 ctx.append(kept[u][:pos])
                 tgt.append(kept[u][pos].item_id)
             cut[u] = min(cut.get(u, n), n)
-        seqs = []
+        first: dict[str, int] = {}
+        for u, n in self.window:
+            first.setdefault(u, n)
+        seqs, fresh = [], []
         for u, hist in kept.items():
             total = self.users[u][1]
             seq = hist[: cut.get(u, total + 1) - first_number(self.users[u])]
             if len(seq) >= 2:
                 seqs.append(seq)
-        return (ctx, tgt), seqs
+                fresh.append(max(0, first[u] - first_number(self.users[u])))
+        return (ctx, tgt), seqs, fresh
 
     def _event(self, user: str, n: int) -> RawEvent | None:
         """The user's n-th event if still kept and it is an item event with history before it."""
@@ -294,6 +301,21 @@ class Learner:
         self.window = []
         self.updates += 1
         self.last_update = now
+
+
+def refresh_transition(model: SeqRec, histories: list[list[RawEvent]], fresh: list[int]) -> None:
+    """Add the window's transitions (those ending at or after each history's `fresh` event,
+    held-out events excluded) to the candidate's transition table, so the hybrid's counts
+    follow the stream and a published checkpoint carries them (docs/model.md, "Hybrid score")."""
+    if not model.transition.entries or not histories:
+        return  # a checkpoint without a table stays the transformer alone
+    seqs, starts = [], []
+    for h, f in zip(histories, fresh):
+        ids = [model.items.lookup(e.item_id) if e.item_id is not None and e.type != "search" else -1 for e in h]
+        seqs.append([i for i in ids if i >= 0])
+        starts.append(sum(1 for i in ids[:f] if i >= 0))
+    model.transition = model.transition.merged(seqs, model.cfg.n_items + 1, TrainConfig.transition_neighbors,
+                                               model.cfg.trans_window, starts)
 
 
 def fine_tune(model: SeqRec, histories: list[list[RawEvent]], cfg: LearnConfig, gen: torch.Generator,

@@ -21,6 +21,7 @@ import torch
 
 from model.data import Dataset, Split, leave_one_out, load
 from model.features import RawEvent
+from model.features import item_ids as item_ids_of
 from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
 
@@ -29,6 +30,7 @@ EXAMPLES = """examples:
   streamrec eval --baseline cooccurrence --data games.txt --format pairs --protocol full --json base.json
   streamrec eval --checkpoint runs/shop --data events.jsonl --catalog catalog.jsonl --split valid
 """
+PARTS = ("served", "transformer", "transition")
 ScoreFn = Callable[[list[list[RawEvent]], "np.ndarray | None"], np.ndarray]
 
 
@@ -98,36 +100,46 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
     ties = np.zeros(len(splits), np.int64)
     never = np.zeros(len(splits), bool)  # held-out items the seen-items policy hides: misses
     bar = _progress(f"eval {protocol}", len(splits)) if progress else None
+    # batches of similar context length: a batch is padded to its longest history, and one
+    # long history in a batch of short ones made the forward ~10x dearer
+    order = np.argsort([len(s.context) for s in splits], kind="stable")
     for lo in range(0, len(splits), batch_size):
-        hi = min(lo + batch_size, len(splits))
-        ctx = [splits[i].context for i in range(lo, hi)]
+        idx = order[lo: lo + batch_size]
+        ctx = [splits[i].context for i in idx]
         if protocol == "sampled":
-            cand = np.concatenate([tgt[lo:hi, None], negs[lo:hi]], axis=1)
+            cand = np.concatenate([tgt[idx, None], negs[idx]], axis=1)
             s = np.asarray(score(ctx, np.maximum(cand, 0)), dtype=np.float64)
             s[:, 1:][cand[:, 1:] < 0] = -np.inf
             other = s[:, 1:]
         else:
             s = np.asarray(score(ctx, None), dtype=np.float64).copy()
-            rows = np.arange(hi - lo)
-            ts = s[rows, tgt[lo:hi]].copy()
-            for r in range(hi - lo):
+            rows = np.arange(len(idx))
+            ts = s[rows, tgt[idx]].copy()
+            for r, i in enumerate(idx):
                 seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
-                s[r, [index[i] for i in seen if i in index]] = -np.inf
-                never[lo + r] = splits[lo + r].target in seen
-            s[rows, tgt[lo:hi]] = -np.inf
+                s[r, [index[x] for x in seen if x in index]] = -np.inf
+                never[i] = splits[i].target in seen
+            s[rows, tgt[idx]] = -np.inf
             s, other = ts[:, None], s
-        greater[lo:hi] = (other > s[:, :1]).sum(1)
-        ties[lo:hi] = (other == s[:, :1]).sum(1)
+        greater[idx] = (other > s[:, :1]).sum(1)
+        ties[idx] = (other == s[:, :1]).sum(1)
         if bar:
-            bar[0].update(bar[1], advance=hi - lo)
+            bar[0].update(bar[1], advance=len(idx))
     if bar:
         bar[0].stop()
     greater[never], ties[never] = len(item_ids), 0
     return {"protocol": protocol, "k": k, "users": len(splits), **rank_metrics(greater, ties, k)}
 
 
-def model_scorer(model: SeqRec, item_ids: Sequence[str], catalog: dict | None = None) -> ScoreFn:
-    """Scores over the data's items; items the checkpoint never saw get content-only (or OOV) vectors."""
+def model_scorer(model: SeqRec, item_ids: Sequence[str], catalog: dict | None = None,
+                 part: str = "served", memo: dict | None = None) -> ScoreFn:
+    """Scores over the data's items by `model.scores`, exactly what the worker ranks by; items
+    the checkpoint never saw get content-only (or OOV) vectors. `part` isolates a term of
+    the hybrid: `transformer` (u · M alone) or `transition` (the transition term alone).
+    `memo` keeps user vectors by batch across calls on the same splits (the blend search
+    scores one model under many weights)."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}")
     items = model.items
     for iid in item_ids:
         if iid not in items.index and catalog and iid in catalog:
@@ -135,22 +147,32 @@ def model_scorer(model: SeqRec, item_ids: Sequence[str], catalog: dict | None = 
     cols = torch.tensor([items.lookup(i) for i in item_ids], device=model.device)
     model.eval()
     with torch.no_grad():
-        M = model.item_matrix()[cols].float()
+        M = model.item_matrix().float()
 
     def score(ctx: list[list[RawEvent]], cand: np.ndarray | None) -> np.ndarray:
+        recent = model.recent_items([item_ids_of(h) for h in ctx])
         with torch.no_grad():
-            u = model.user_vectors(ctx).float()
+            if part == "transition":
+                s = model.transition.scores(recent, len(M), model.cfg.trans_window)
+            else:
+                key = (id(ctx[0]), len(ctx)) if ctx else None
+                u = memo.get(key) if memo is not None else None
+                if u is None:
+                    u = model.user_vectors(ctx).float()
+                    if memo is not None:
+                        memo[key] = u
+                s = model.scores(u, recent if part == "served" else None, M)
+            s = s[:, cols]
             if cand is None:
-                return (u @ M.T).cpu().numpy()
-            c = torch.as_tensor(cand, device=M.device)
-            return (M[c] * u[:, None, :]).sum(-1).cpu().numpy()
+                return s.cpu().numpy()
+            return torch.gather(s, 1, torch.as_tensor(cand, device=s.device)).cpu().numpy()
     return score
 
 
 def baseline_scorer(name: str, fit: list[list[RawEvent]], item_ids: Sequence[str]) -> ScoreFn:
     """popularity, or co-occurrence with popularity as a tie-breaker far below any neighbour score."""
     index = {iid: i for i, iid in enumerate(item_ids)}
-    seqs = [[e.item_id for e in h if e.item_id is not None and e.type != "search"] for h in fit]
+    seqs = [item_ids_of(h) for h in fit]
     counts = Counter(i for s in seqs for i in s)
     pop = np.zeros(len(item_ids))
     for iid, c in counts.items():
@@ -167,7 +189,7 @@ def baseline_scorer(name: str, fit: list[list[RawEvent]], item_ids: Sequence[str
     def score(ctx: list[list[RawEvent]], cand: np.ndarray | None) -> np.ndarray:
         out = np.tile(pop * 1e-12, (len(ctx), 1))
         for r, h in enumerate(ctx):
-            sc = co.scores([e.item_id for e in h if e.item_id is not None and e.type != "search"])
+            sc = co.scores(item_ids_of(h))
             if sc:
                 cols = [index[i] for i in sc if i in index]
                 out[r, cols] += [sc[i] for i in sc if i in index]
@@ -175,10 +197,13 @@ def baseline_scorer(name: str, fit: list[list[RawEvent]], item_ids: Sequence[str
     return score
 
 
-def baseline_fit_data(ds: Dataset, splits: Sequence[Split]) -> list[list[RawEvent]]:
-    """Everything except the evaluated targets (and what follows them)."""
-    ctx = {s.user: s.context for s in splits}
-    return [ctx.get(u, h) for u, h in enumerate(ds.histories)]
+FITTED_ON = "train: each user's events before the validation item (what the transformer trains on)"
+
+
+def baseline_fit_data(ds: Dataset) -> list[list[RawEvent]]:
+    """What every baseline is fitted on, for both splits: exactly the transformer's training
+    histories, so no model sees a held-out transition the others do not (equal footing)."""
+    return leave_one_out(ds)[0]
 
 
 def _progress(desc: str, total: int):
@@ -198,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", metavar="FILE", help="JSONL catalog (item_id, title, category) for content")
     parser.add_argument("--protocol", default="sampled", choices=("sampled", "full", "prequential"),
                         help="prequential: test-then-train over a time-ordered JSONL stream (model/prequential.py)")
+    parser.add_argument("--part", default="served", choices=PARTS,
+                        help="with --checkpoint: the served (hybrid) score, or one of its terms alone")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--split", default="test", choices=("test", "valid"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
@@ -234,10 +261,11 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from model import checkpoint
         model, meta = checkpoint.load(args.checkpoint, pick_device(args.device))
-        score, who = model_scorer(model, ds.items, ds.catalog), {"checkpoint": args.checkpoint,
-                                                                 "model_version": meta.get("version")}
+        score = model_scorer(model, ds.items, ds.catalog, args.part)
+        who = {"checkpoint": args.checkpoint, "part": args.part, "model_version": meta.get("version")}
     else:
-        score, who = baseline_scorer(args.baseline, baseline_fit_data(ds, splits), ds.items), {"baseline": args.baseline}
+        score = baseline_scorer(args.baseline, baseline_fit_data(ds), ds.items)
+        who = {"baseline": args.baseline, "fitted_on": FITTED_ON}
     policy = worker_seen_policy(args.exclude_seen, args.exclude_seen_window)
     res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True, seen_policy=policy)
     res.update(who, split=args.split, exclude_seen=policy[0], exclude_seen_window=policy[1], data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
@@ -266,6 +294,9 @@ def _run_prequential(args: argparse.Namespace) -> int:
     rows = [(res["mode"], res)] + ([("frozen", res["frozen"])] if "frozen" in res else [])
     for name, m in rows:
         table.add_row(name, f"{m['hr']:.4f}", f"{m['ndcg']:.4f}", f"{m['mrr']:.4f}", f"{m['new_item']['hr']:.4f}")
+    for name in ("cooccurrence", "popularity"):  # online baselines, scored on their top-k lists
+        m = res[name]
+        table.add_row(f"{name} (online)", f"{m['hr']:.4f}", f"{m['ndcg']:.4f}", f"{m['mrr']:.4f}", "")
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:

@@ -38,6 +38,16 @@ class RawEvent:
         return cls(get("item_id"), get("type", "click") or "click", float(get("ts", 0.0) or 0.0), get("query"))
 
 
+def item_ids(events: Iterable[Any]) -> list[str]:
+    """Item ids of a history's item events (searches carry none), oldest first."""
+    out = []
+    for e in events:
+        e = RawEvent.coerce(e)
+        if e.item_id is not None and e.type != "search":
+            out.append(e.item_id)
+    return out
+
+
 def stable_hash(token: str, buckets: int) -> int:
     """Bucket in 1..buckets-1 (0 is padding)."""
     return 1 + zlib.crc32(token.encode("utf-8")) % (buckets - 1)

@@ -12,6 +12,7 @@ import argparse
 import copy
 import time
 from dataclasses import asdict, replace
+from collections import deque
 from typing import Iterable
 
 import numpy as np
@@ -19,7 +20,8 @@ import numpy as np
 from model.config import LearnConfig
 from model.continual import Learner, Rolling
 from model.data import _ts, open_text, parse_event_line
-from model.features import RawEvent
+from model.features import RawEvent, item_ids
+from model.seen import excluded
 from model.transformer import SeqRec
 from stream_app.errors import UserError
 
@@ -46,11 +48,13 @@ def replay(events: Iterable[tuple[str, RawEvent]], model: SeqRec, cfg: LearnConf
     """Test-then-train over `events`; metrics of the served model (and the frozen one)."""
     tracked = {"frozen": copy.deepcopy(model)} if continual else {}
     learner = Learner(model, cfg, seen_policy, tracked=tracked)
+    baselines = OnlineBaselines(cfg, seen_policy)
     events = list(events)
     bar = _progress(len(events)) if progress else None
     updates = []
     for i, (user, ev) in enumerate(events):
         live = ev.ts >= train_until
+        baselines.observe(user, ev, test=live)
         learner.observe(user, ev, ev.ts, test=live)
         if continual and live and learner.due(ev.ts):
             updates.append(learner.update(ev.ts))
@@ -66,11 +70,53 @@ def replay(events: Iterable[tuple[str, RawEvent]], model: SeqRec, cfg: LearnConf
     out = {"protocol": "prequential", "k": cfg.k, **served.summary(), "updates": len(updates),
            "published": sum(u["published"] for u in updates), "mode": "continual" if continual else "frozen"}
     out["new_item"] = _summary(learner.new_item_metrics, "serving")
+    out.update(baselines.summary())
     if continual:
         out["frozen"] = {**learner.metrics["frozen"].summary(), "new_item": _summary(learner.new_item_metrics, "frozen")}
         out["update_seconds_p50"] = float(np.median([u["seconds"] for u in updates])) if updates else 0.0
         out["update_log"] = updates
     return out
+
+
+class OnlineBaselines:
+    """Online co-occurrence and popularity, learning event by event exactly as the worker's
+    fallback does (model/cooccurrence.py), scored test-then-train on the same events as the
+    learner: the streaming baselines a continual model must beat. Each is scored on the
+    top-k list it would publish (the worker's seen-items policy applied), so MRR counts
+    only ranks within k."""
+
+    def __init__(self, cfg: LearnConfig, seen_policy: tuple[str, int]) -> None:
+        from model.cooccurrence import CoOccurrence
+        self.cfg, self.seen_policy = cfg, seen_policy
+        self.co = CoOccurrence()
+        self.users: dict[str, deque] = {}
+        self.metrics = {name: Rolling(cfg.eval_window) for name in ("cooccurrence", "popularity")}
+
+    def observe(self, user: str, ev: RawEvent, test: bool) -> None:
+        hist = self.users.setdefault(user, deque(maxlen=self.cfg.history))
+        if ev.item_id is None or ev.type == "search":
+            hist.append(ev)
+            return
+        previous = item_ids(hist)
+        if test and hist:
+            exclude = excluded(((e.item_id, e.type) for e in hist), *self.seen_policy)
+            k = self.cfg.k
+            pop = [i for i, _ in self.co.popular(k + len(exclude)) if i not in exclude][:k]
+            for name, ranked in (("cooccurrence", [i for i, _ in self.co.recommend(previous, k, exclude)]),
+                                 ("popularity", pop)):
+                self.metrics[name].add(*_list_metrics(ranked, ev.item_id))
+        self.co.observe(previous[-self.co.window:], ev.item_id)
+        hist.append(ev)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: m.summary() for name, m in self.metrics.items()}
+
+
+def _list_metrics(ranked: list[str], target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if target in ranked:
+        p = ranked.index(target)
+        return np.ones(1), np.array([1.0 / np.log2(p + 2.0)]), np.array([1.0 / (p + 1.0)])
+    return np.zeros(1), np.zeros(1), np.zeros(1)
 
 
 def _summary(metrics: dict[str, Rolling], name: str) -> dict[str, float]:

@@ -7,7 +7,8 @@ change when a new event arrives, and the newest output depends only on the last
 forward over any stored history agree to float rounding (docs/design.md, "Exact incremental inference"). The same
 mask is used in training, so there is no train/serve skew.
 
-Scores are dot products with the same item representations used as inputs (tied).
+Scores are dot products with the same item representations used as inputs (tied), plus
+the item-transition term of model/transition.py when the checkpoint carries one (the hybrid).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.features import EVENT_TYPES, Batch, ItemIndex, encode
+from model.transition import Transition
 
 KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 NEG = float("-inf")
@@ -88,6 +90,7 @@ class SeqRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D)
+        self.transition = Transition()  # filled by `streamrec train`; empty = transformer alone
         for emb in (self.id_emb, self.content_emb, self.query_emb, self.type_emb, self.gap_emb):
             nn.init.normal_(emb.weight, std=0.02)
             if emb.padding_idx is not None:
@@ -123,6 +126,22 @@ class SeqRec(nn.Module):
         if idx is None:
             idx = torch.arange(len(self.items), device=self.device)
         return torch.cat([self.item_vectors(idx[i : i + chunk]) for i in range(0, len(idx), chunk)])
+
+    def scores(self, user_vectors: torch.Tensor, recent: Sequence[Sequence[int]] | None = None,
+               matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] served score of every ItemIndex entry: u · M, plus the transition term over each
+        user's `recent` item indices (newest last). The one scoring function of training's
+        validation, `eval`, the learner's gate and the worker (docs/design.md, "Live equals offline")."""
+        M = self.item_matrix() if matrix is None else matrix
+        s = user_vectors.to(M.dtype) @ M.T
+        if recent is not None and self.cfg.trans_weight > 0:
+            self.transition.add_to(s, recent, self.cfg.trans_window, self.cfg.trans_weight, self.cfg.trans_eps)
+        return s
+
+    def recent_items(self, item_ids: Sequence[Sequence[str]]) -> list[list[int]]:
+        """Each user's last trans_window item indices (oldest first) from their item ids."""
+        look, w = self.items.lookup, self.cfg.trans_window
+        return [[look(i) for i in ids[-w:]] for ids in item_ids]
 
     # ---- sequence side ---------------------------------------------------------------
     def embed(self, b: Batch) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from model.cache import topk
+from model.cache import masked_topk
 from model.evaluate import worker_seen_policy
 from stream_app.pipeline.state import UserState
 
@@ -32,7 +32,8 @@ def offline_recommend(model, states: list[UserState], k: int,
     vecs = model.user_vectors([s.raw_events() for s in states], truncate=False)
     items = model.items
     exclude = [[i for i in map(items.lookup, s.seen_items(*seen_policy)) if i] for s in states]
-    scores, idx = topk(vecs, model.item_matrix(), k, exclude)
+    scores = model.scores(vecs, model.recent_items([s.items() for s in states]))
+    scores, idx = masked_topk(scores, k, exclude)
     return [[(items.ids[i], v) for i, v in zip(row_i, row_s)] for row_i, row_s in zip(idx.tolist(), scores.tolist())]
 
 

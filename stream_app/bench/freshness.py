@@ -207,6 +207,7 @@ def run_offline(args: argparse.Namespace, stream: list, ckpt: Path, console) -> 
     res = replay(events, model, LearnConfig(), stream[args.prefix][2], True, worker_seen_policy(), progress=True)
     result = {"mode": "offline", "frozen_hr": res["frozen"]["hr"], "continual_hr": res["hr"],
               "new_item_hr_frozen": res["frozen"]["new_item"]["hr"], "new_item_hr_continual": res["new_item"]["hr"],
+              "cooccurrence_hr": res["cooccurrence"]["hr"], "popularity_hr": res["popularity"]["hr"],
               "updates": res["updates"], "published": res["published"],
               "update_seconds_p50": res["update_seconds_p50"], "learner_cpu_pct": None,
               "swap_to_first_served_s": None, "swap_to_first_served_s_p50": None, "prequential": res,
@@ -230,6 +231,9 @@ def print_table(console, r: dict) -> None:
         ratio = r[b] / r[a] if r[a] else float("inf")
         t.add_row(name, f"{r[a]:.4f}", f"{r[b]:.4f}", f"{ratio:.2f}x")
     console.print(t)
+    if "cooccurrence_hr" in r:
+        console.print(f"online baselines on the same events, HR@10: co-occurrence {r['cooccurrence_hr']:.4f}, "
+                      f"popularity {r['popularity_hr']:.4f}")
     console.print(f"updates {r['updates']} ({r['published']} published), p50 {r['update_seconds_p50'] or 0:.2f} s")
     if r.get("mode") != "offline":
         console.print(f"update max {r['update_seconds_max']} s; learner CPU {r['learner_cpu_pct']}% of one core; "

@@ -138,8 +138,9 @@ class ModelRecommender:
         items = self.model.items
         exclude = [[i for i in map(items.lookup, r.state.seen_items(*self.seen_policy)) if i] for r in refreshes]
         blocked = self.catalog.blocked_indices(items) if self.catalog is not None else None
+        recent = self.model.recent_items([r.state.items() for r in refreshes])
         with timed("score"):
-            scores, idx = self.scorer.topk(vectors, k, exclude, blocked)
+            scores, idx = self.scorer.topk(vectors, k, exclude, blocked, recent)
         ids = self.scorer.item_ids(idx)
         return [Ranked([(i, float(s)) for i, s, ok in zip(row_ids, row_s, row_ok) if ok],
                        self.version, self.variant)

@@ -1,6 +1,7 @@
 """`streamrec bench quality` as a user runs it, small: train with the defaults (a short
-budget), both protocols on valid and test beside the baselines, the model under every
-seen-items policy, and a live replay whose lists score exactly like the offline ranking."""
+budget), both protocols on valid and test for the hybrid, its terms and the baselines,
+the model under every seen-items policy, and a live replay of the hybrid whose lists score
+exactly like the offline ranking; then the same report from the saved checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,13 @@ def test_quality_report_with_live_replay(tmp_path):
     write_pairs(str(data), make_pairs(users=300, items=120, avg_len=10, seed=5, groups=4, p_follow=0.9))
     args = argparse.Namespace(data=str(data), format="auto", catalog=None, max_minutes=0.3, k=10, device="cpu",
                               live=True, live_users=40, out=tmp_path / "model", json=tmp_path / "q.json",
-                              plot=tmp_path / "q.png")
+                              plot=tmp_path / "q.png", checkpoint=None)
     assert quality.run(args) == 0
     result = json.loads(args.json.read_text())
+    assert result["hybrid"]["entries"] > 0 and "transformer" in result["fitted_on"]
+    assert result["winner"]["valid"] in result["valid"]
     for split in ("valid", "test"):
-        assert set(result[split]) == {"model", "popularity", "cooccurrence"}
+        assert set(result[split]) == {"hybrid", "transformer", "transition", "popularity", "cooccurrence"}
         assert all(result[split][who][p]["users"] > 250 for who in result[split] for p in ("sampled", "full"))
     assert set(result["seen_policies_valid"]) == {"none", "purchased", "interacted"}
     assert result["train"]["epochs"] >= 1 and args.plot.stat().st_size > 0
@@ -32,3 +35,9 @@ def test_quality_report_with_live_replay(tmp_path):
     # the same ranking up to float noise: at most one user's near-tie at rank 10 may flip
     assert live["hr"] == pytest.approx(offline["hr"], abs=1 / 40 + 1e-9)
     assert live["ndcg"] == pytest.approx(offline["ndcg"], abs=1 / 40 + 1e-9)
+    # the blend was chosen on validation with "transformer alone" on its grid
+    assert result["valid"]["hybrid"]["full"]["ndcg"] >= result["valid"]["transformer"]["full"]["ndcg"]
+
+    again = argparse.Namespace(**{**vars(args), "checkpoint": args.out, "live": False, "json": tmp_path / "q2.json"})
+    assert quality.run(again) == 0
+    assert json.loads(again.json.read_text())["test"] == result["test"]

@@ -119,6 +119,32 @@ def test_new_items_join_the_vocabulary_after_min_item_events():
     assert lr.serving.items.index["brand-new"] <= lr.serving.items.n_trained
 
 
+def test_an_update_adds_the_windows_transitions_to_the_hybrid_table_once():
+    from model.transition import Transition
+    items = [f"i{n}" for n in range(40)]
+    model = tiny_model(items)
+    model.cfg = replace(model.cfg, trans_weight=1.0)
+    model.transition = Transition.fit([[1, 2]], len(items) + 1, neighbors=100, window=model.cfg.trans_window)
+    cfg = LearnConfig(every_events=10**6, min_events=1, update_s=1.0, margin=-1.0, holdout_share=0.1)
+    lr = Learner(model, cfg, SEEN, publish=lambda m, r: "v")
+    for n in range(30):
+        lr.observe(f"u{n}", RawEvent("i5", ts=1.0), 1.0, test=False)   # before the window: counted already
+        lr.observe(f"u{n}", RawEvent("i6", ts=2.0), 2.0)
+        lr.observe(f"u{n}", RawEvent("i7", ts=3.0), 3.0)
+    report = lr.update(10.0)
+    assert report["published"]
+    got = lr.serving.transition
+    rows, cols, w = got.pairs()
+    counts = {(int(r), int(c)): float(x) for r, c, x in zip(rows, cols, w)}
+    index = lr.serving.items.index
+    # the newest 10% of the 60 window events (the last 3 users' two events) are held out of
+    # training and of the counts; the i5 events came before the window and were counted before
+    trained = 30 - 3
+    assert counts[(index["i5"], index["i6"])] == trained and counts[(index["i6"], index["i7"])] == trained
+    assert counts[(index["i5"], index["i7"])] == trained / 2
+    assert counts[(1, 2)] == 1.0  # the old counts stay
+
+
 def test_forget_erases_the_user_everywhere():
     lr = Learner(tiny_model([f"i{n}" for n in range(40)]), LearnConfig(memory_mb=0.01, history=5), SEEN)
     for u, e in stream(events=800):
@@ -146,6 +172,11 @@ def test_prequential_replay_json_and_file_reader(tmp_path):
         assert {"protocol", "k", "hr", "ndcg", "mrr", "events", "updates"} <= set(res)
         assert res["protocol"] == "prequential" and 0 <= res["hr"] <= 1 and res["events"] > 500
     assert frozen["updates"] == 0 and cont["updates"] >= 2
+    # the streaming baselines, scored on the same events (test, then learn)
+    for name in ("cooccurrence", "popularity"):
+        assert frozen[name]["events"] == frozen["events"] and 0 <= frozen[name]["hr"] <= 1
+    assert frozen["cooccurrence"] == cont["cooccurrence"]
+    assert frozen["cooccurrence"]["hr"] > frozen["popularity"]["hr"]  # the stream has successor structure
     # the frozen model tracked inside the continual run scores exactly as the frozen run
     assert cont["frozen"]["hr"] == pytest.approx(frozen["hr"]) and cont["frozen"]["events"] == frozen["events"]
     assert np.isfinite(cont["update_seconds_p50"])

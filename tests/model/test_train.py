@@ -44,7 +44,7 @@ def test_beats_both_baselines_under_both_protocols(trained) -> None:
     ds, model, info, _ = trained
     # ~9 s on an idle 2-core machine; not asserted (shared CI machines are noisy)
     _, _, test = leave_one_out(ds)
-    fit = baseline_fit_data(ds, test)
+    fit = baseline_fit_data(ds)
     for protocol in ("sampled", "full"):
         ours = evaluate(model_scorer(model, ds.items), test, ds.items, protocol)
         for name in ("popularity", "cooccurrence"):
