@@ -128,29 +128,29 @@ class Transition(nn.Module):
     def add_to(self, scores: torch.Tensor, recent: Sequence[Sequence[int]], window: int, weight: float,
                eps: float) -> torch.Tensor:
         """scores[b, i] += weight · log(1 + t_b(i) / eps) in place, touching only neighbour entries."""
-        b, d, items = [], [], []
-        for row, seq in enumerate(recent):
-            for dist, item in enumerate(reversed(seq[-window:]), start=1):
-                if 0 < item < self.n_rows:
-                    b.append(row); d.append(1.0 / dist); items.append(item)
-        if not items or not self.entries:
+        n_rows = self.n_rows  # hot path (every served batch): plain Python over <= window items a user
+        picked = [(row, 1.0 / dist, item) for row, seq in enumerate(recent)
+                  for dist, item in enumerate(reversed(seq[-window:]), start=1) if 0 < item < n_rows]
+        if not picked or not self.entries:
             return scores
         dev = self.indptr.device
-        it = torch.tensor(items, device=dev)
+        picked_t = torch.from_numpy(np.asarray(picked, dtype=np.float64)).to(dev)   # one copy: [P, 3]
+        rows_p, it = picked_t[:, 0].long(), picked_t[:, 2].long()
+        share_p = (picked_t[:, 1] / self.totals[it].double().clamp(min=1e-12)).float()
         start = self.indptr[it]
         lens = self.indptr[it + 1] - start
         total = int(lens.sum())
         if not total:
             return scores
-        owner = torch.repeat_interleave(torch.arange(len(items), device=dev), lens)
-        offset = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        pos = start[owner] + offset
-        share = torch.tensor(d, device=dev)[owner] / self.totals[it][owner].clamp(min=1e-12)
-        t, rows, cols = self.counts[pos] * share, torch.tensor(b, device=dev)[owner], self.cols[pos].long()
-        ok = cols < scores.shape[1]
+        owner = torch.repeat_interleave(torch.arange(len(it), device=dev), lens)
+        pos = start[owner] + torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        t, rows, cols = self.counts[pos] * share_p[owner], rows_p[owner], self.cols[pos].long()
         n_cols = scores.shape[1]
-        key, inv = torch.unique(rows[ok] * n_cols + cols[ok], return_inverse=True)
-        summed = torch.zeros(len(key), device=dev).index_add_(0, inv, t[ok])
+        if n_rows > n_cols:  # a score matrix narrower than the table: drop what it has no column for
+            ok = cols < n_cols
+            t, rows, cols = t[ok], rows[ok], cols[ok]
+        key, inv = torch.unique(rows * n_cols + cols, return_inverse=True)
+        summed = torch.zeros(len(key), device=dev).index_add_(0, inv, t)
         bonus = (weight * torch.log1p(summed / eps)).to(scores.dtype).to(scores.device)
         scores.index_put_(((key // n_cols).to(scores.device), (key % n_cols).to(scores.device)), bonus,
                           accumulate=True)
