@@ -309,11 +309,8 @@ def refresh_transition(model: SeqRec, histories: list[list[RawEvent]], fresh: li
     follow the stream and a published checkpoint carries them (docs/model.md, "Hybrid score")."""
     if not model.transition.entries or not histories:
         return  # a checkpoint without a table stays the transformer alone
-    seqs, starts = [], []
-    for h, f in zip(histories, fresh):
-        ids = [model.items.lookup(e.item_id) if e.item_id is not None and e.type != "search" else -1 for e in h]
-        seqs.append([i for i in ids if i >= 0])
-        starts.append(sum(1 for i in ids[:f] if i >= 0))
+    seqs = [[model.items.lookup(i) for i in item_ids(h)] for h in histories]
+    starts = [len(item_ids(h[:f])) for h, f in zip(histories, fresh)]  # item events before the window
     model.transition = model.transition.merged(seqs, model.cfg.n_items + 1, TrainConfig.transition_neighbors,
                                                model.cfg.trans_window, starts)
 

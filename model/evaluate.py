@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from model.data import Dataset, Split, leave_one_out, load
-from model.features import RawEvent
-from model.features import item_ids as item_ids_of
+from model.features import RawEvent, item_ids as item_ids_of
 from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
 
