@@ -137,13 +137,12 @@ def test_killed_learner_leaves_whole_checkpoints_and_resumes_from_committed_offs
             checkpoint.load(str(p))
     newest = newest_checkpoint(models)
     assert newest is not None and not newest.name.startswith(".")
-    # offsets are committed only for finished updates
+    # offsets are committed only for finished updates: the last one logged, or the one before
+    # it when the kill fell between an update's log line and its commit
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     got = committed(settings)
-    if done:
-        assert got == {int(p): o for p, o in done[-1]["offsets"].items()}
-    else:
-        assert got == {}
+    finished = [{}] + [{int(p): o for p, o in d["offsets"].items()} for d in done]
+    assert got in finished[-2:]
     # a restart takes in exactly the events after the committed offsets
     restarted = learner_for(settings, tmp_path / "learner2.log")
     try:
