@@ -72,6 +72,9 @@ INFERENCE_SECONDS = Histogram(
 )
 CATALOG_ITEMS = Gauge("streamrec_catalog_items", "Items known to the scorer, by availability.", ["state"],
                       registry=REGISTRY)
+CATALOG_REJECTED = Counter("streamrec_catalog_rejected_total",
+                           "Catalog records rejected (their item withdrawn), by reason; label values are "
+                           "stream_app.pipeline.catalog.REASONS, exported there.", ["reason"], registry=REGISTRY)
 MODEL_INFO = Gauge("streamrec_model_info", "Served model versions (value 1).", ["version", "variant"],
                    registry=REGISTRY)
 MODEL_SWAPS = Counter("streamrec_model_swaps_total", "Checkpoints hot-swapped in.", registry=REGISTRY)
