@@ -6,8 +6,18 @@ deserialisation").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+# Each integer field's sane range (inclusive). The largest product a checkpoint is allowed
+# is still checked against its weights' shapes before allocation (model/checkpoint.py).
+INT_BOUNDS = {
+    "n_items": (0, 50_000_000), "dim": (1, 4096), "n_layers": (1, 64), "n_heads": (1, 256),
+    "window": (1, 65_536), "mlp_mult": (1, 16), "content_buckets": (1, 1 << 24), "query_buckets": (1, 1 << 24),
+    "gap_buckets": (1, 4096), "max_content_tokens": (1, 4096), "max_query_ngrams": (1, 4096), "ngram": (1, 64),
+    "trans_window": (1, 65_536),
+}
 
 
 @dataclass(frozen=True)
@@ -32,12 +42,19 @@ class ModelConfig:
     trans_eps: float = 0.01
 
     def __post_init__(self) -> None:
+        """Bounds on every field: a checkpoint's config sizes the tensors the model allocates,
+        so an absurd one (dim 2**20 from a damaged or hostile checkpoint.json) must be refused
+        before anything is built (docs/design.md, "Published checkpoints are whole")."""
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name}={value} is outside [{low}, {high}]")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
-        if self.window < 1 or self.n_layers < 1:
-            raise ValueError("window and n_layers must be >= 1")
-        if self.trans_window < 1 or self.trans_weight < 0 or self.trans_eps <= 0:
-            raise ValueError("trans_window must be >= 1, trans_weight >= 0 and trans_eps > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not (0 <= self.trans_weight < math.inf and 0 < self.trans_eps < math.inf):
+            raise ValueError("trans_weight must be finite and >= 0, trans_eps finite and > 0")
 
     @property
     def receptive_field(self) -> int:
@@ -52,8 +69,18 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From a checkpoint's JSON: fields it does not know are ignored, missing ones take
+        the defaults (older checkpoints), and each value must have its field's type
+        (ValueError otherwise), so `__post_init__` compares numbers, never strings."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be an object, not {type(d).__name__}")
+        kinds = {f.name: type(f.default) for f in fields(cls)}
+        out = {k: v for k, v in d.items() if k in kinds}
+        for k, v in out.items():
+            ok = isinstance(v, int) if kinds[k] is int else isinstance(v, (int, float))
+            if not ok or isinstance(v, bool):
+                raise ValueError(f"{k}={v!r} must be {'an integer' if kinds[k] is int else 'a number'}")
+        return cls(**out)
 
 
 @dataclass(frozen=True)

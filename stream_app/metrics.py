@@ -78,6 +78,10 @@ CATALOG_REJECTED = Counter("streamrec_catalog_rejected_total",
 MODEL_INFO = Gauge("streamrec_model_info", "Served model versions (value 1).", ["version", "variant"],
                    registry=REGISTRY)
 MODEL_SWAPS = Counter("streamrec_model_swaps_total", "Checkpoints hot-swapped in.", registry=REGISTRY)
+CHECKPOINT_REJECT_REASONS = ("incomplete", "corrupt", "oversized", "format", "config", "shape", "error")
+CHECKPOINT_REJECTED = Counter("streamrec_checkpoint_rejected_total",
+                              "Checkpoints not served because they did not load (at start-up or a hot swap), "
+                              "once per state of their files, by reason.", ["reason"], registry=REGISTRY)
 ONLINE_HITS = Counter("streamrec_online_hits_total",
                       "Click/add_to_cart/purchase events whose item was in the user's latest recommendations.",
                       ["variant"], registry=REGISTRY)
@@ -124,6 +128,8 @@ for _r in REASONS:
     INVALID.labels(_r)
 for _p in ("step", "rebuild", "score"):
     INFERENCE_SECONDS.labels(_p)
+for _r in CHECKPOINT_REJECT_REASONS:  # model/checkpoint.py's REJECT_REASONS, plus "error": anything else
+    CHECKPOINT_REJECTED.labels(_r)
 
 
 # --- the continual learner (`streamrec learn`): a process of its own, so a registry of its own ----------

@@ -5,11 +5,17 @@ A swap replaces the serving object between two micro-batches (the processor read
 recommender once per batch), so no event is lost or processed twice; the new version
 starts with empty KV caches (caches are tagged by version, state never is). Loading runs
 in a thread so the stream keeps flowing meanwhile.
+
+A checkpoint that does not load is never fatal while an older one does: start-up serves the
+newest loadable one, a failed swap keeps the current model, and each failure is logged and
+counted once per state of the directory's files (`fingerprint`), so a directory still being
+copied in is tried again when it changes (docs/design.md, "Published checkpoints are whole").
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import zlib
 from pathlib import Path
@@ -24,13 +30,31 @@ log = logging.getLogger(__name__)
 META = "checkpoint.json"
 
 
-def newest_checkpoint(path: Path) -> Path | None:
-    """`path` itself if it is a checkpoint, else its newest checkpoint subdirectory. Hidden
-    directories are checkpoints still being written (docs/design.md, "Published checkpoints are whole")."""
+def checkpoints(path: Path) -> list[Path]:
+    """`[path]` if it is a checkpoint, else its checkpoint subdirectories, newest first by
+    publish sequence, never by a host's clock (`model.checkpoint.ordered`). Hidden
+    directories are checkpoints still being written (docs/design.md, "Published checkpoints
+    are whole")."""
     if (path / META).is_file():
-        return path
-    found = [p for p in path.iterdir() if not p.name.startswith(".") and (p / META).is_file()] if path.is_dir() else []
-    return max(found, key=lambda p: ((p / META).stat().st_mtime, p.name), default=None)
+        return [path]
+    from model.checkpoint import ordered  # torch comes with it: only where a model is served
+    return ordered(path) if path.is_dir() else []
+
+
+def newest_checkpoint(path: Path) -> Path | None:
+    """`path` itself if it is a checkpoint, else its newest checkpoint subdirectory."""
+    found = checkpoints(path)
+    return found[0] if found else None
+
+
+def fingerprint(ckpt: Path) -> tuple:
+    """Names, sizes and mtimes of a directory's files: cheap, and it changes when a copy
+    into place progresses, so a checkpoint that failed half-copied is tried again."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(ckpt)
+                            if e.is_file()))
+    except OSError:
+        return ()
 
 
 def variant_of(user_id: str, split_b: float) -> str:
@@ -73,19 +97,46 @@ class Lifecycle:
                                                 seen_policy=settings.seen_policy)
         self.fallback.catalog = catalog
         self.dirs = {"A": settings.model_dir, "B": settings.model_b_dir}
+        self._why: dict[Path, str] = {}  # checkpoint -> why it was rejected (one line)
         self.served: dict[str, Path] = {}
+        self.failed: dict[Path, tuple] = {}  # checkpoint -> fingerprint of the files that failed
         self.arms: dict[str, object] = {}
-        for variant, path in self.dirs.items():
-            if path is None:
-                continue
-            ckpt = newest_checkpoint(path)
-            if ckpt is None:
-                raise UserError(f"no checkpoint in {path}; train one with `streamrec train --out {path}/v1` "
-                                "or unset STREAMREC_MODEL_DIR to serve the co-occurrence baseline")
-            self._install(variant, self._load(variant, ckpt), ckpt)
         if self.dirs["B"] is not None and self.dirs["A"] is None:
             raise UserError("model_b_dir needs model_dir (variant A) too; set STREAMREC_MODEL_DIR")
+        for variant, path in self.dirs.items():
+            if path is not None:
+                self._start(variant, path)
         self.recommender = self._compose()
+
+    def _start(self, variant: str, path: Path) -> None:
+        """Serve the newest checkpoint of `path` that loads; older ones are the fallback."""
+        from model.checkpoint import BadCheckpoint
+        found = checkpoints(path)
+        if not found:
+            raise UserError(f"no checkpoint in {path}; train one with `streamrec train --out {path}/v1` "
+                            "or unset STREAMREC_MODEL_DIR to serve the co-occurrence baseline")
+        for ckpt in found:
+            fp = fingerprint(ckpt)
+            if self.failed.get(ckpt) == fp:  # variant A already tried this directory
+                continue
+            try:
+                rec = self._load(variant, ckpt)
+            except BadCheckpoint as exc:  # a settings error (history_max) is not the checkpoint's fault
+                self._reject(ckpt, fp, exc)
+                continue
+            self._install(variant, rec, ckpt)
+            return
+        raise UserError(f"no loadable checkpoint in {path} ({len(found)} rejected; newest: "
+                        f"{self._why.get(found[0], '?')}); fix or remove them, or train one with "
+                        f"`streamrec train --out {path}/v1`")
+
+    def _reject(self, ckpt: Path, fp: tuple, exc: Exception) -> None:
+        from model.checkpoint import BadCheckpoint
+        reason = exc.reason if isinstance(exc, BadCheckpoint) else "error"
+        self.failed[ckpt] = fp
+        self._why[ckpt] = " ".join(str(exc).split())
+        metrics.CHECKPOINT_REJECTED.labels(reason).inc()
+        log.error("not serving %s (%s): %s", ckpt, reason, self._why[ckpt])
 
     def _variant_name(self, variant: str) -> str:
         return variant if self.dirs["B"] is not None else "default"
@@ -118,23 +169,36 @@ class Lifecycle:
         return ABRouter(self.arms, self.settings.ab_split, self.fallback)
 
     async def poll(self) -> bool:
-        """Load any newer checkpoint (in a thread) and swap it in; True if something changed."""
+        """Swap in the newest checkpoint newer than the served one that loads (loaded in a
+        thread); True if something changed. A failure keeps the current model and is not
+        retried until the directory's files change."""
         changed = False
+        loop = asyncio.get_running_loop()
+        visible: set[Path] = set()
         for variant, path in self.dirs.items():
             if path is None:
                 continue
-            ckpt = newest_checkpoint(path)
-            if ckpt is None or ckpt == self.served.get(variant):
-                continue
-            try:
-                rec = await asyncio.get_running_loop().run_in_executor(None, self._load, variant, ckpt)
-            except Exception as exc:  # a broken checkpoint must not take the worker down
-                log.error("not swapping to %s: %s", ckpt, exc)
-                self.served[variant] = ckpt  # do not retry the same broken directory forever
-                continue
-            self._install(variant, rec, ckpt)
-            metrics.MODEL_SWAPS.inc()
-            changed = True
+            found = checkpoints(path)
+            visible.update(found)
+            for ckpt in found:
+                if ckpt == self.served.get(variant):
+                    break  # everything after it is older
+                fp = fingerprint(ckpt)
+                if self.failed.get(ckpt) == fp:
+                    continue
+                try:
+                    rec = await loop.run_in_executor(None, self._load, variant, ckpt)
+                except Exception as exc:  # a broken checkpoint must not take the worker down
+                    self._reject(ckpt, fp, exc)
+                    continue
+                self.failed.pop(ckpt, None)
+                self._install(variant, rec, ckpt)
+                metrics.MODEL_SWAPS.inc()
+                changed = True
+                break
+        for gone in set(self.failed) - visible:  # removed or renamed: forget it
+            self.failed.pop(gone, None)
+            self._why.pop(gone, None)
         if changed:
             self.recommender = self._compose()
         return changed
