@@ -37,6 +37,8 @@ EVENT_BYTES = 200      # one kept RawEvent with its strings, for the memory budg
 NEW_ITEM_AGE_S = 86_400.0
 SCORE_BATCH = 256
 MAX_COUNTED_ITEMS = 1_000_000
+MAX_NEW_ITEMS_PER_UPDATE = 10_000  # the most-seen first: invented ids cannot grow the vocabulary without bound
+MAX_CLOCK_SKEW_S = 300.0           # an event's own time counts at most this far ahead of the learner's clock
 
 
 def first_number(entry: list) -> int:
@@ -133,10 +135,11 @@ class Learner:
             self.users.move_to_end(user)
         hist = entry[0]
         is_item = ev.item_id is not None and ev.type != "search"
+        ts = min(ev.ts, now + MAX_CLOCK_SKEW_S)  # a far-future timestamp must not keep an item "new" for ever
         if is_item and ev.item_id not in self.known and ev.item_id not in self.first_seen:
-            self._first_seen(ev.item_id, ev.ts)
+            self._first_seen(ev.item_id, ts)
         if test and is_item and hist:
-            young = ev.item_id not in self.known and ev.ts - self.first_seen.get(ev.item_id, -1e18) < NEW_ITEM_AGE_S
+            young = ev.item_id not in self.known and ts - self.first_seen.get(ev.item_id, -1e18) < NEW_ITEM_AGE_S
             self.pending.append((tuple(hist), ev.item_id, young))
             if len(self.pending) >= SCORE_BATCH:
                 self.score_pending()
@@ -153,13 +156,19 @@ class Learner:
         """When an unknown item first appeared; items older than a day are dropped when it grows."""
         self.first_seen[item] = ts
         if len(self.first_seen) > MAX_COUNTED_ITEMS:
-            self.first_seen = {i: t for i, t in self.first_seen.items() if ts - t < NEW_ITEM_AGE_S}
+            kept = {i: t for i, t in self.first_seen.items() if abs(ts - t) < NEW_ITEM_AGE_S}
+            if len(kept) > MAX_COUNTED_ITEMS // 2:  # a flood of new ids within a day: keep the newest half
+                kept = dict(list(kept.items())[-(MAX_COUNTED_ITEMS // 2):])
+            self.first_seen = kept
 
     def _count_new(self, item: str) -> None:
         """Events per not-yet-trained item; a stream of junk IDs cannot grow it without bound."""
         self.counts[item] += 1
         if len(self.counts) > MAX_COUNTED_ITEMS:
-            self.counts = Counter({i: c for i, c in self.counts.items() if c > 1})
+            kept = Counter({i: c for i, c in self.counts.items() if c > 1})
+            if len(kept) > MAX_COUNTED_ITEMS // 2:  # ids sent twice each: keep the most-seen half
+                kept = Counter(dict(kept.most_common(MAX_COUNTED_ITEMS // 2)))
+            self.counts = kept
 
     def _evict(self) -> None:
         """Least recently active users leave the recent set for the replay sample."""
@@ -223,7 +232,7 @@ class Learner:
         t0 = time.perf_counter()
         self.score_pending()
         holdout, train_seqs, fresh = self._split_window()
-        new_items = [i for i, c in self.counts.items() if c >= self.cfg.min_item_events]
+        new_items = [i for i, c in self.counts.most_common(MAX_NEW_ITEMS_PER_UPDATE) if c >= self.cfg.min_item_events]
         model = copy.deepcopy(self.serving)
         if new_items:
             model = grow(model, new_items, neighbours((e[0] for e in self.users.values()), set(new_items)))

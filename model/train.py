@@ -403,10 +403,14 @@ def model_config_for(ds: Dataset, dim: int = ModelConfig.dim, layers: int = Mode
     has_q = any(e.type == "search" for h in ds.histories for e in h)
     has_ts = any(e.ts for h in ds.histories for e in h)
     base = ModelConfig()
-    return ModelConfig(n_items=len(ds.items), dim=dim, n_layers=layers, n_heads=heads, window=window, dropout=dropout,
-                       content_buckets=base.content_buckets if ds.catalog else 2,
-                       query_buckets=base.query_buckets if has_q else 2,
-                       gap_buckets=base.gap_buckets if has_ts else 1)
+    try:
+        return ModelConfig(n_items=len(ds.items), dim=dim, n_layers=layers, n_heads=heads, window=window,
+                           dropout=dropout, content_buckets=base.content_buckets if ds.catalog else 2,
+                           query_buckets=base.query_buckets if has_q else 2,
+                           gap_buckets=base.gap_buckets if has_ts else 1)
+    except ValueError as exc:  # out-of-range flags: one line naming the bound, not a traceback
+        from stream_app.errors import UserError
+        raise UserError(f"{exc}; change the flag") from None
 
 
 def run(args: argparse.Namespace) -> int:

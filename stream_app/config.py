@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # --- Serving / observability ---------------------------------------------
     web_host: str = Field("127.0.0.1", description="Bind address of /metrics, /healthz, lookups.")
     web_port: int = Field(6066, ge=0, le=65535, description="HTTP port of /metrics etc. (0 = pick free).")
+    web_advertised_host: str = Field(
+        "", description="Host name other workers use to forward a lookup here (default: web_host, or this "
+                        "host's name when web_host is a wildcard such as 0.0.0.0).")
     log_level: str = Field("info", description="Worker log level.")
 
     @field_validator("security_protocol", "sasl_mechanism", mode="before")

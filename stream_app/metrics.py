@@ -18,6 +18,19 @@ INVALID = Counter(
     "streamrec_invalid_events_total", "Messages sent to the dead-letter topic, by reason.", ["reason"],
     registry=REGISTRY,
 )
+BATCH_FAILURES = Counter(
+    "streamrec_batch_failures_total", "Batches that raised, by kind: environment (read again after a backoff) "
+    "or data (retried one event at a time; events that still fail are dead-lettered).", ["kind"],
+    registry=REGISTRY,
+)
+FENCED_BATCHES = Counter(
+    "streamrec_fenced_batches_total", "Batches not written because the worker had stalled past its session "
+    "timeout and may no longer own their partitions (read again after the group settled).", registry=REGISTRY,
+)
+STALLS = Counter(
+    "streamrec_stalls_total", "Event-loop gaps longer than the session timeout (SIGSTOP, a VM pause, a stalled "
+    "loop): each fences the worker's writes until the group settles.", registry=REGISTRY,
+)
 DUPLICATES = Counter(
     "streamrec_duplicate_events_total", "Redelivered events (same event_id) ignored.", registry=REGISTRY
 )
@@ -126,6 +139,8 @@ for _t in EVENT_TYPES + CONTROL_TYPES:  # export zeros so dashboards and alerts 
     EVENTS.labels(_t)
 for _r in REASONS:
     INVALID.labels(_r)
+for _k in ("environment", "data"):
+    BATCH_FAILURES.labels(_k)
 for _p in ("step", "rebuild", "score"):
     INFERENCE_SECONDS.labels(_p)
 for _r in CHECKPOINT_REJECT_REASONS:  # model/checkpoint.py's REJECT_REASONS, plus "error": anything else

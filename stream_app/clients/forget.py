@@ -3,7 +3,8 @@ recommendations (with a tombstone on the recommendations topic).
 
 It is an event like any other, so it is ordered after everything the user did before
 it, reaches the worker that owns the user, and survives crashes (at-least-once; forget
-is idempotent)."""
+is idempotent). Anyone who may write the events topic may forget any user: grant that
+ACL only to your producers (docs/security.md, "Who may forget")."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     producer = EventProducer(settings.bootstrap_servers, settings.events_topic, options)
     for user_id in args.user_ids:
         producer.send_event(forget_event(user_id))
+    producer.flush()  # acks=all: written to every in-sync replica, or counted as refused
     producer.close()
-    print(f"forget: {len(args.user_ids)} user(s) queued on {settings.events_topic}")
+    producer.check()  # exit non-zero, naming the cause, if any forget was not written
+    print(f"forget: {len(args.user_ids)} user(s) written to {settings.events_topic}")
     return 0

@@ -28,7 +28,10 @@ EXAMPLES = """examples:
 
 
 class EventProducer:
-    """kafka-python producer with a steady-rate pacer; counts what it sent."""
+    """kafka-python producer with a steady-rate pacer; counts what it sent and what the
+    broker refused. acks=all: a send counts as done only once every in-sync replica has
+    it, so a client that exits 0 (`produce`, `forget`) has not lost what it sent to a
+    broker failover."""
 
     def __init__(self, bootstrap: str, topic: str, options: dict[str, Any] | None = None) -> None:
         """`options`: security arguments from stream_app.transport.security.kafka_python_options, or
@@ -36,13 +39,28 @@ class EventProducer:
         from kafka import KafkaProducer
 
         self.topic = topic
-        self.producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "enable_idempotence": False, "acks": 1,
+        self.producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "enable_idempotence": False, "acks": "all",
                                          "linger_ms": 5, "max_request_size": 1_048_576, **(options or {})})
         self.sent = 0
+        self.failed = 0
+        self.last_error = ""
 
     def send(self, value: bytes, key: bytes | None) -> None:
-        self.producer.send(self.topic, value=value, key=key)
+        try:
+            self.producer.send(self.topic, value=value, key=key).add_errback(self._refused)
+        except Exception as exc:  # refused before it left: too large, no metadata in time
+            self._refused(exc)
         self.sent += 1
+
+    def _refused(self, exc: BaseException) -> None:
+        self.failed += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def check(self) -> None:
+        """After a flush: a one-line error if the broker refused any send."""
+        if self.failed:
+            raise UserError(f"{self.failed} of {self.sent} messages were not written to {self.topic} "
+                            f"({self.last_error}); check the broker and resend")
 
     def send_event(self, event: dict) -> None:
         self.send(encode_event(event), str(event["user_id"]).encode())
@@ -134,5 +152,6 @@ def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]
             sent = producer.paced(file_messages(args.file), args.rate, args.duration, progress=True)
     finally:
         producer.close()
+    producer.check()
     print(f"produce: {sent} messages sent to {topic} at {settings.bootstrap_servers}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import weakref
 
@@ -30,10 +31,14 @@ from stream_app.config import Settings
 from stream_app.pipeline.events import encode_event
 from stream_app.pipeline.processor import BatchProcessor, Message, encode_record
 from stream_app.pipeline.catalog import Catalog, follow as catalog_follow
+from stream_app.pipeline.failures import Backoff, Rewind, describe, is_environment
+from stream_app.runtime import failpoints
 from stream_app.transport.health import BrokerWatch
 from stream_app.serving.lifecycle import Lifecycle
+from stream_app.transport.fence import Fence, Fenced
 from stream_app.transport.offsets import OffsetGuard
-from stream_app.pipeline.state import expiry_event, idle_state
+from stream_app.transport.guarded import hold_commits_at_holes, in_order, seek
+from stream_app.pipeline.state import StreamClock, expiry_event, idle_state, sweep_clock
 from stream_app.transport.security import aiokafka_options, faust_credentials
 from stream_app.transport.faust_app import App
 
@@ -55,6 +60,7 @@ def writing_for(event: faust.EventT):
         _current_event.reset(token)
 
 
+KEY_CAP = 1024  # bytes of a message key kept in its dead letter (a user_id is at most 128 characters)
 RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
 
@@ -76,7 +82,7 @@ def faust_settings(settings: Settings) -> dict:
         consumer_auto_offset_reset="earliest",
         web_enabled=True,
         web_bind=settings.web_host,
-        web_host=settings.web_host,
+        web_host=advertised_host(settings),
         web_port=settings.web_port,
         table_standby_replicas=0,
         # Tansu reports the high watermark as the last batch's base offset + 1: with
@@ -85,6 +91,17 @@ def faust_settings(settings: Settings) -> dict:
         # TLS/SASL for Faust's consumer, producer and topic creation (absent for PLAINTEXT)
         **({"broker_credentials": credentials} if (credentials := faust_credentials(settings)) else {}),
     )
+
+
+def advertised_host(settings: Settings) -> str:
+    """The host other workers forward lookups to. A wildcard bind address is not an
+    address: every worker would advertise 0.0.0.0 and a forwarded lookup would reach the
+    forwarder itself and answer 404 (docs/design.md, "Lookups are answered by the owner")."""
+    if settings.web_advertised_host:
+        return settings.web_advertised_host
+    if settings.web_host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return settings.web_host
 
 
 def rocksdb_options(settings: Settings) -> dict:
@@ -111,16 +128,28 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     cap = settings.dlq_payload_cap
 
     guard = OffsetGuard()
+    backoff = Backoff()
+    stream_clock = StreamClock()
+    fence = Fence(settings.broker_session_timeout_s,
+                  settle_s=settings.broker_session_timeout_s + settings.broker_rebalance_timeout_s)
+
+    async def dead_letter(msg: Message, reason: str, detail: str, source: bytes = b"events") -> None:
+        raw = msg.value or b""
+        key = msg.key[:KEY_CAP] if msg.key is not None else None  # a 1 MB key must not fail the DLQ write
+        await dlq_topic.send(key=key, value=raw[:cap], headers=[
+            ("streamrec-reason", reason.encode()),
+            ("streamrec-detail", detail.encode("utf-8", "replace")),
+            ("streamrec-truncated", b"1" if len(raw) > cap or key != msg.key else b"0"),
+            ("streamrec-source", source),
+        ])
+
+    async def catalog_dead_letter(key: bytes | None, value: bytes | None, reason: str) -> None:
+        await dead_letter(Message(key, value, 0.0), reason, catalog.last_detail or reason, b"catalog")
 
     async def send_side_outputs(out, msgs: list[Message], batch: list[faust.EventT]) -> None:
         """Dead letters, re-keyed events and forgets (tombstones in the table and output)."""
         for dead in out.dead:
-            raw = msgs[dead.index].value or b""
-            await dlq_topic.send(key=msgs[dead.index].key, value=raw[:cap], headers=[
-                ("streamrec-reason", dead.reason.encode()),
-                ("streamrec-detail", dead.detail.encode()),
-                ("streamrec-truncated", b"1" if len(raw) > cap else b"0"),
-            ])
+            await dead_letter(msgs[dead.index], dead.reason, dead.detail)
         for index, user_id in out.rekeyed:
             await events_topic.send(key=user_id.encode(), value=msgs[index].value)
         for user_id, index in out.forgets.items():
@@ -130,30 +159,111 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
                 del users[user_id]
             await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
 
+    async def handle(batch: list[faust.EventT], isolated: bool = False) -> None:
+        """One batch: process, write state, send. Raises whatever went wrong; `run` decides."""
+        msgs = [msg_of(e) for e in batch]
+        if not isolated:
+            failpoints.hit("batch")
+        out = processor.process(msgs, users.get)
+        fence.check(app.consumer_generation_id)  # frozen past the session timeout? write nothing
+        with metrics.stage("send"):
+            await send_side_outputs(out, msgs, batch)
+        fence.check(app.consumer_generation_id)
+        with metrics.stage("state_write"):
+            for user_id, (index, value) in out.writes.items():
+                with writing_for(batch[index]):
+                    users[user_id] = value
+        with metrics.stage("send"):
+            records = [(user_id.encode(), encode_record(record)) for user_id, record in out.recommendations]
+            for key, value in records:
+                # buffered like the table's changelog writes; the flush before every
+                # commit waits for both (docs/design.md, "Commit after write")
+                recs_topic.send_soon(key=key, value=value)
+
+    async def run(batch: list[faust.EventT]) -> None:
+        """`handle`, with the failure policy of stream_app/pipeline/failures.py: nothing
+        raises out of the agent, because Faust would acknowledge the batch unwritten."""
+        try:
+            await handle(batch)
+        except Exception as exc:
+            processor.states.clear()  # cached states may be ahead of the table
+            if isinstance(exc, Fenced):
+                return await wait_out_fence(batch, exc)
+            if is_environment(exc):
+                return await retry_later(batch, exc)
+            metrics.BATCH_FAILURES.labels("data").inc()
+            log.warning("a batch of %d events failed (%s); processing it one event at a time", len(batch),
+                        describe(exc))
+            for i, event in enumerate(batch):
+                try:
+                    await handle([event], isolated=True)
+                except Exception as exc1:
+                    processor.states.clear()
+                    if isinstance(exc1, Fenced):
+                        return await wait_out_fence(batch[i:], exc1)
+                    if is_environment(exc1):
+                        return await retry_later(batch[i:], exc1)
+                    log.error("event at %s:%s dead-lettered: %s", event.message.partition, event.message.offset,
+                              describe(exc1))
+                    try:
+                        await dead_letter(msg_of(event), "processing_error", describe(exc1))
+                    except Exception as exc2:
+                        return await retry_later(batch[i:], exc2)
+                    metrics.INVALID.labels("processing_error").inc()
+        backoff.succeeded()
+        stream_clock.saw(max(e.message.timestamp for e in batch), time.time())
+        for partition, (_, last) in Rewind.of(offsets_of(batch)).spans.items():
+            guard.processed(partition, last)
+
+    async def retry_later(events: list[faust.EventT], exc: BaseException) -> None:
+        """Rewind the events' partitions and read them again after a backoff; commits stay
+        held before them meanwhile, so a crash loses nothing either."""
+        delay = backoff.failed(exc)
+        metrics.BATCH_FAILURES.labels("environment").inc()
+        log.error("a batch failed for an environmental reason (%s); reading it again in %.1fs", describe(exc), delay)
+        spans = Rewind.of(offsets_of(events)).spans
+        for partition, (first, last) in spans.items():
+            guard.rewind(partition, first, last)
+        await asyncio.sleep(delay)
+        for partition, (first, _) in spans.items():
+            await seek(app, TP(settings.events_topic, partition), first)
+
+    async def wait_out_fence(events: list[faust.EventT], exc: Fenced) -> None:
+        """Write nothing until the group has rebalanced (the partitions come back, if they do,
+        from their committed offsets) or the fence settles with the member intact (then read
+        the events again ourselves)."""
+        metrics.FENCED_BATCHES.inc()
+        log.warning("not writing a batch of %d events: %s; waiting for the group", len(events), exc)
+        generation, spans = app.consumer_generation_id, Rewind.of(offsets_of(events)).spans
+        for partition, (first, last) in spans.items():
+            guard.rewind(partition, first, last)
+        while fence.fenced(app.consumer_generation_id):
+            await asyncio.sleep(0.1)
+        if app.consumer_generation_id == generation:
+            for partition, (first, _) in spans.items():
+                await seek(app, TP(settings.events_topic, partition), first)
+
+    @app.timer(0.25)
+    async def tick() -> None:
+        seen = len(fence.gaps)
+        fence.tick(app.consumer_generation_id)
+        if len(fence.gaps) > seen:
+            metrics.STALLS.inc()
+            log.warning("the event loop stalled %.1fs, past the session timeout: writing nothing until the group "
+                        "settles", fence.gaps[-1])
+
     @app.agent(events_topic)
     async def process(stream: faust.StreamT) -> None:
         hold_commits_at_holes(app, guard)
+        if not catalog.loaded.is_set():  # docs/design.md, "Catalog before events"
+            log.info("waiting for the catalog to be read to its end before serving events")
+            await catalog.loaded.wait()
         async for batch in stream.take_events(settings.batch_max, within=settings.batch_wait_ms / 1000):
             batch = await in_order(app, guard, batch)
-            msgs = [Message(e.message.key, e.message.value, e.message.timestamp, e.message.partition) for e in batch]
             processor.recommender = lifecycle.recommender  # model swaps land between batches
             processor.states.on_generation(app.consumer_generation_id)  # owned elsewhere meanwhile?
-            try:
-                out = processor.process(msgs, users.get)
-                with metrics.stage("send"):
-                    await send_side_outputs(out, msgs, batch)
-                with metrics.stage("state_write"):
-                    for user_id, (index, value) in out.writes.items():
-                        with writing_for(batch[index]):
-                            users[user_id] = value
-            except BaseException:  # cached states may be ahead of the table: the redelivery
-                processor.states.clear()  # must read the table, or it would dedupe unwritten events
-                raise
-            with metrics.stage("send"):
-                for user_id, record in out.recommendations:
-                    # buffered like the table's changelog writes; the flush before every
-                    # commit waits for both (docs/design.md, "Commit after write")
-                    recs_topic.send_soon(key=user_id.encode(), value=encode_record(record))
+            if batch:
+                await run(batch)
 
     @app.timer(1.0)
     async def reread_holes() -> None:
@@ -165,7 +275,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 
     @app.task
     async def follow_catalog() -> None:
-        await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings))
+        await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings),
+                             on_reject=catalog_dead_letter)
 
     @app.timer(settings.ttl_sweep_s)
     async def expire_idle_users() -> None:
@@ -174,7 +285,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         millions of users adds no latency spike."""
         if not settings.state_ttl_days:
             return
-        now = time.time()
+        now = sweep_clock(time.time(), stream_clock.newest)
+        if now is None:
+            return
         cutoff, expiring = now - settings.state_ttl_days * 86_400, 0
         for scanned, (user_id, value) in enumerate(users.items(), 1):
             if scanned % 1000 == 0:
@@ -215,9 +328,13 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     @app.page("/readyz")
     async def readyz(web, request):
         owned = owned_partitions(app, settings.events_topic)
-        ready = not app.rebalancing and bool(owned) and broker_watch.up
-        return web.json({"ready": ready, "partitions": owned, "broker": broker_watch.status()["broker"]},
-                        status=200 if ready else 503)
+        ready = (not app.rebalancing and bool(owned) and broker_watch.up and not backoff.failing
+                 and catalog.loaded.is_set())
+        body = {"ready": ready, "partitions": owned, "broker": broker_watch.status()["broker"],
+                "catalog": "loaded" if catalog.loaded.is_set() else "loading"}
+        if backoff.failing:
+            body["failing"] = backoff.last_error
+        return web.json(body, status=200 if ready else 503)
 
     @app.page("/recommendations/{user_id}")
     @app.topic_route(topic=events_topic, match_info="user_id")  # forwarded to the owning worker
@@ -230,77 +347,13 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     return app
 
 
-async def in_order(app: faust.App, guard: OffsetGuard, batch: list[faust.EventT]) -> list[faust.EventT]:
-    """The events of `batch` that continue their partition without a hole (see offsets.py);
-    for a hole, seek back so the missing messages are read again, in order."""
-    if guard.generation != app.consumer_generation_id:
-        guard.new_generation(app.consumer_generation_id, committed_offsets(app, batch[0].message.topic))
-    kept = []
-    for event in batch:
-        message = event.message
-        ok, seek_to = guard.admit(message.partition, message.offset)
-        if seek_to is not None:
-            metrics.OFFSET_HOLES.labels(str(message.partition)).inc()
-            log.warning("partition %s: offsets %s..%s never reached the agent; reading them again",
-                        message.partition, seek_to, message.offset - 1)
-            unmark_acked(app, message.tp, seek_to, message.offset)
-            await seek(app, message.tp, seek_to)
-        if ok:
-            kept.append(event)
-    return kept
+def msg_of(event: faust.EventT) -> Message:
+    m = event.message
+    return Message(m.key, m.value, m.timestamp, m.partition, m.offset)
 
 
-def committed_offsets(app: faust.App, topic: str) -> dict[int, int]:
-    """Committed offsets of `topic`'s assigned partitions, as Faust's post-rebalance seek
-    found them (Consumer._committed_offset, Faust's own record; partitions never
-    committed are absent)."""
-    assigned = app.consumer.assignment()
-    return {tp.partition: offset for tp, offset in app.consumer._committed_offset.items()
-            if tp.topic == topic and tp in assigned and offset}
-
-
-def hold_commits_at_holes(app: faust.App, guard: OffsetGuard) -> None:
-    """Never commit a partition past an open hole. Faust acks messages it skips and the
-    ones the guard drops, so its next commit could pass the hole, and a crash before the
-    re-read would lose it (`bench chaos` lost 9-11 users that way). Installed once, when
-    the agent starts, on Faust's own offset filter (Consumer._filter_committable_offsets,
-    a private hook)."""
-    consumer = app.consumer
-    if getattr(consumer, "_streamrec_holds", False):
-        return
-    committable = consumer._filter_committable_offsets
-
-    def clamped(tps):
-        offsets = committable(tps)
-        for tp in list(offsets):
-            hole = guard.holes.get(tp.partition)
-            if hole is not None and offsets[tp] > hole.start:
-                committed = consumer._committed_offset.get(tp)
-                if committed is not None and committed >= hole.start:
-                    del offsets[tp]
-                else:
-                    offsets[tp] = hole.start
-        return offsets
-
-    consumer._filter_committable_offsets = clamped
-    consumer._streamrec_holds = True
-
-
-def unmark_acked(app: faust.App, tp: TP, start: int, end: int) -> None:
-    """Faust's fetch loop records a jump in delivered offsets as a "gap" that counts as
-    acked, so it would commit past the hole and a crash before the re-read would lose
-    it (seen in `bench chaos`: 11 users). Remove [start, end) from that record: nothing
-    past `start` is committed until the re-read acks it. Consumer._gap is Faust's own."""
-    gap = getattr(app.consumer, "_gap", {}).get(tp)
-    if gap:
-        gap.chop(start, end)
-
-
-async def seek(app: faust.App, tp: TP, offset: int) -> None:
-    try:
-        await app.consumer.seek(tp, offset)
-    except Exception as exc:  # revoked meanwhile: its new owner starts from the committed offset
-        log.warning("seek %s to %s failed: %s", tp, offset, exc)
+def offsets_of(events: list[faust.EventT]) -> list[tuple[int, int]]:
+    return [(e.message.partition, e.message.offset) for e in events]
 
 
 def owned_partitions(app: faust.App, topic: str) -> list[int]:

@@ -207,6 +207,10 @@ class Catalog:
         self._throttle = _Throttle(log_interval_s, clock)
         self.last_reason: str | None = None  # why the last apply() returned False (None: applied)
         self.last_detail: str | None = None
+        # set once every record that was on the topic when the worker started is applied:
+        # the agent serves no event before, so a withdrawn item is never recommended by a
+        # worker that has not yet re-read its withdrawal (docs/design.md, "Catalog before events")
+        self.loaded = asyncio.Event()
 
     def attach(self, items: Any) -> None:
         """Register a served model's ItemIndex and bring it up to date."""
@@ -288,17 +292,27 @@ class Catalog:
         return cached[2]
 
 
-async def apply_all(catalog: Catalog, records: AsyncIterable[Any], on_reject: OnReject | None = None) -> None:
+async def apply_all(catalog: Catalog, records: AsyncIterable[Any], on_reject: OnReject | None = None,
+                    ends: dict[int, int] | None = None) -> None:
     """Apply each record (anything with `.key` and `.value`); a rejected one goes to
     `on_reject(key, value, reason)`, awaited in order, whose failure is logged and never
     stops the loop. Yields to the event loop every 1,000 records, so replaying a large
-    catalog at start does not stall the agent."""
+    catalog at start does not stall the agent. `ends`: partition -> end offset at start;
+    `catalog.loaded` is set once every partition has been read up to it."""
+    pending = {p: end for p, end in (ends or {}).items() if end > 0}
+    if not pending:
+        catalog.loaded.set()
     n = 0
     async for record in records:
         n += 1
         if n % 1000 == 0:
             await asyncio.sleep(0)
-        if catalog.apply(record.key, record.value) or on_reject is None:
+        applied = catalog.apply(record.key, record.value)
+        if pending and record.offset + 1 >= pending.get(record.partition, 0):
+            pending.pop(record.partition, None)
+            if not pending:
+                catalog.loaded.set()
+        if applied or on_reject is None:
             continue
         try:
             await on_reject(record.key, record.value, catalog.last_reason or "internal")
@@ -318,10 +332,17 @@ async def follow(catalog: Catalog, bootstrap: str, topic: str, options: dict[str
     sees them again after each restart."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    from aiokafka import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=100, **(options or {}))
     await consumer.start()
     try:
-        await apply_all(catalog, consumer, on_reject)
+        await consumer.topics()  # metadata, so the topic's partitions are known
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()} if tps else {}
+        await apply_all(catalog, consumer, on_reject, ends)
     finally:
         await consumer.stop()

@@ -32,6 +32,7 @@ REASONS = (
     "field_too_long",
     "unknown_type",
     "invalid_timestamp",
+    "processing_error",  # valid, but processing it raised even alone (stream_app/pipeline/failures.py)
 )
 
 MAX_LEN = {"event_id": 64, "user_id": 128, "item_id": 128, "query": 512, "session_id": 128}

@@ -37,8 +37,12 @@ class UserState:
     seen: list[str] = field(default_factory=list)  # event_key()s, oldest first
     count: int = 0  # events ever accepted: the history position KV caches are tagged with
     # bookkeeping for the TTL sweep, not part of the behaviour (ignored by ==):
-    touched: float = field(default=0.0, compare=False)  # wall clock of the last accepted event
+    touched: float = field(default=0.0, compare=False)  # Kafka record time of the last accepted event
     partition: int = field(default=-1, compare=False)  # input partition the user's events arrive on
+    # the highest input offset on `partition` whose event this state reflects: a redelivery
+    # at or below it is dropped however far back the crash rewound (docs/design.md,
+    # "Idempotent replay"); the event-id window alone misses a hot user's redeliveries
+    offset: int = field(default=-1, compare=False)
 
     @classmethod
     def from_json(cls, value: bytes | dict | None) -> "UserState":
@@ -50,11 +54,11 @@ class UserState:
         history = [tuple(e) for e in value.get("h", [])]
         touched = value.get("t") or (history[-1][2] if history else 0.0)  # older states: last event time
         return cls(history=history, seen=list(value.get("ids", [])), count=int(value.get("n", len(history))),
-                   touched=float(touched), partition=int(value.get("p", -1)))
+                   touched=float(touched), partition=int(value.get("p", -1)), offset=int(value.get("o", -1)))
 
     def to_json(self) -> dict:
         return {"v": FORMAT, "h": self.history, "ids": self.seen, "n": self.count, "t": round(self.touched, 1),
-                "p": self.partition}
+                "p": self.partition, "o": self.offset}
 
     def encode(self) -> bytes:
         """The stored value: compact JSON, encoded once for both RocksDB and the changelog
@@ -171,8 +175,35 @@ def expiry_event(user_id: str, state: UserState, now: float) -> dict:
             "ts": round(now, 3), "if_count": state.count}
 
 
+SWEEP_SLACK_S = 3600.0
+FUTURE_SKEW_S = 300.0
+
+
+@dataclass
+class StreamClock:
+    """The newest record time this worker processed; a record stamped far in the future
+    (a producer's broken clock) moves it at most FUTURE_SKEW_S past the worker's own clock."""
+
+    newest: float | None = None
+
+    def saw(self, record_time: float, wall: float) -> None:
+        t = min(record_time, wall + FUTURE_SKEW_S)
+        self.newest = t if self.newest is None else max(self.newest, t)
+
+
+def sweep_clock(wall: float, stream_time: float | None) -> float | None:
+    """The time the TTL sweep measures idleness against: the worker's clock, but never more
+    than SWEEP_SLACK_S past the newest record time it has processed. Idleness is the
+    difference of two record times (the producers' clocks), so a worker whose own clock
+    jumps 100 days ahead expires nobody early (at most SWEEP_SLACK_S); one whose clock lags
+    only expires late. None (no sweep) before this worker has processed a record."""
+    if stream_time is None:
+        return None
+    return min(wall, stream_time + SWEEP_SLACK_S)
+
+
 def idle_state(value: bytes | dict | None, cutoff: float) -> UserState | None:
-    """The user's state if their last accepted event is older than `cutoff` (wall clock)."""
+    """The user's state if their last accepted event is older than `cutoff` (record time)."""
     if not value:
         return None
     state = UserState.from_json(value)

@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 
 from model import checkpoint
 from model.features import RawEvent
@@ -23,7 +24,7 @@ from stream_app import metrics
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
 from stream_app.pipeline.events import InvalidEvent, decode_event
-from stream_app.serving.lifecycle import newest_checkpoint
+from stream_app.serving.lifecycle import checkpoints, fingerprint, newest_checkpoint
 
 log = logging.getLogger("streamrec.learn")
 
@@ -32,6 +33,31 @@ EXAMPLES = """examples:
   streamrec learn --bootstrap-servers 127.0.0.1:9092 --model-dir models/ --learn-interval-s 60 --learn-port 6068
 """
 REJECTED_KEEP = 3
+LOCK = ".learner.lock"  # hidden: never taken for a checkpoint
+
+
+def exclusive(path) -> object:
+    """Hold an exclusive lock on `path` for the process's lifetime. Two learners on one
+    model directory would each publish versions the other overwrites and prunes (docs/design.md,
+    "One learner per model directory"); the second one stops at start, naming the first. The
+    lock is flock(2): it dies with its process, so a SIGKILLed learner never leaves it stale."""
+    import fcntl
+    import os
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"another learner ({holder}) already publishes into {path.parent}; run one learner per "
+                        "model directory, or stop that one first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    f.flush()
+    return f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,15 +87,20 @@ class LearnerProcess:
             raise UserError("streamrec learn publishes into a directory of checkpoints: set STREAMREC_MODEL_DIR to "
                             "the worker's model directory, with the first checkpoint in a subdirectory (e.g. "
                             f"{root or 'models'}/v1)")
-        current = newest_checkpoint(root)
-        if current is None:
+        if newest_checkpoint(root) is None:
             raise UserError(f"no checkpoint in {root}; train one first: streamrec train --out {root}/v1 --data ...")
+        self.lock = exclusive(root / LOCK)
+        self.rejected: dict[Path, tuple] = {}  # broken checkpoint -> its files' fingerprint: retried if they change
         torch.set_num_threads(settings.learn_threads)
         self.settings, self.root, self.device = settings, root, pick_device(settings.learn_device)
         self.log_dir = settings.state_dir / "learner"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        model, meta = checkpoint.load(str(current), self.device)
-        self.serving_dir, self.version = current, meta["version"]
+        loaded = self._newest_loadable()
+        if loaded is None:
+            raise UserError(f"no loadable checkpoint in {root} (see the lines above); train one: "
+                            f"streamrec train --out {root}/v1 --data ...")
+        model, meta, self.serving_dir = loaded
+        self.version = meta["version"]
         self.learner = Learner(model, learn_config(settings), settings.seen_policy, publish=self._publish)
         self.offsets: dict[int, int] = {}  # partition -> next offset, of events taken in
 
@@ -89,13 +120,32 @@ class LearnerProcess:
         self.learner.observe(ev.user_id, RawEvent(ev.item_id, ev.type, ev.ts, ev.query), time.time())
 
     # ---- updates ----------------------------------------------------------------------
+    def _newest_loadable(self, stop_at: Path | None = None):
+        """(model, meta, dir) of the newest checkpoint that loads, skipping broken ones as the
+        worker does; None if none newer than `stop_at` does."""
+        for ckpt in checkpoints(self.root):
+            if ckpt == stop_at:
+                return None
+            fp = fingerprint(ckpt)
+            if self.rejected.get(ckpt) == fp:
+                continue
+            try:
+                model, meta = checkpoint.load(str(ckpt), self.device)
+            except checkpoint.BadCheckpoint as exc:
+                log.error("not learning from %s: %s", ckpt, exc)
+                self.rejected[ckpt] = fp
+                continue
+            return model, meta, ckpt
+        return None
+
     def adopt_newer(self) -> None:
-        """A checkpoint someone else put in the model directory (a full retrain) becomes the base."""
-        newest = newest_checkpoint(self.root)
-        if newest is not None and newest != self.serving_dir:
-            model, meta = checkpoint.load(str(newest), self.device)
+        """A checkpoint someone else put in the model directory (a full retrain) becomes the
+        base; a broken one is skipped, never fatal."""
+        loaded = self._newest_loadable(stop_at=self.serving_dir)
+        if loaded is not None:
+            model, meta, self.serving_dir = loaded
             self.learner.serve(model)
-            self.serving_dir, self.version = newest, meta["version"]
+            self.version = meta["version"]
             log.info("adopted %s, published by someone else, as the base of the next updates", self.version)
 
     def update(self) -> dict:

@@ -27,8 +27,9 @@ def run_worker(settings: Settings) -> int:
     """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards.
 
     May first re-execute the process with jemalloc preloaded (stream_app.runtime.allocator)."""
-    from stream_app.runtime import allocator
+    from stream_app.runtime import allocator, failpoints
 
+    failpoints.points()  # a malformed STREAMREC_FAILPOINTS is a one-line error, before anything starts
     running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
 
     import gc

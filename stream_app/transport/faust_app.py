@@ -43,6 +43,7 @@ from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.web import drivers as web_drivers
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -267,3 +268,16 @@ class App(faust.App):
 
     def _new_transport(self):
         return _Transport(self.conf.broker_consumer, self)
+
+    def _new_web(self):
+        return _only_our_pages(web_drivers.by_url(self.conf.web))(self)
+
+
+def _only_our_pages(web_class: type) -> type:
+    """Faust's web server without its built-in pages. `/table/<name>/<key>/` answers a
+    table lookup (users' raw histories here), `/router/` lists the cluster, `/graph/`,
+    `/stats/` and `/` describe the worker: none are documented or authenticated, so the
+    worker serves only the pages docs/security.md lists (docs/design.md, "Only documented
+    pages")."""
+    return type("StreamrecWeb", (web_class,), {"default_blueprints": [], "production_blueprints": [],
+                                                "debug_blueprints": [], "optional_blueprints": []})

@@ -41,6 +41,11 @@ class OffsetGuard:
     clock: Callable[[], float] = time.monotonic
     expected: dict[int, int] = field(default_factory=dict)
     holes: dict[int, _Hole] = field(default_factory=dict)
+    # partition -> (offset commits are held at, offset whose processing releases the hold):
+    # a hole's hold outlives the hole, which closes when its re-read *arrives*; Faust has
+    # acked the dropped offsets already, so a commit between the re-read's arrival and its
+    # processing would pass events a crash would then lose
+    held: dict[int, tuple[int, int]] = field(default_factory=dict)
     generation: int | None = None
 
     def new_generation(self, generation: int, committed: dict[int, int] | None = None) -> None:
@@ -53,6 +58,7 @@ class OffsetGuard:
         if generation != self.generation:
             self.expected = dict(committed or {})
             self.holes.clear()
+            self.held.clear()
             self.generation = generation
 
     def admit(self, partition: int, offset: int) -> tuple[bool, int | None]:
@@ -66,11 +72,29 @@ class OffsetGuard:
             return False, None
         want = self.expected.get(partition)
         if want is not None and offset > want:
-            self.holes[partition] = _Hole(want, offset, self.clock())
+            self._hold(partition, want, offset)
             return False, want
         # the first message of a generation, the next one, or a redelivery (offset < want)
         self.expected[partition] = offset + 1
         return True, None
+
+    def rewind(self, partition: int, start: int, last: int) -> None:
+        """Read `start..last` again (a batch that failed for an environmental reason,
+        stream_app/pipeline/failures.py): a hole by another name, so what follows is
+        dropped until the re-read arrives and commits are held at `start`."""
+        self._hold(partition, start, last)
+
+    def processed(self, partition: int, offset: int) -> None:
+        """A batch that went up to `offset` on `partition` is written: a hold whose re-read
+        it finished is released."""
+        hold = self.held.get(partition)
+        if hold is not None and partition not in self.holes and offset >= hold[1]:
+            del self.held[partition]
+
+    def _hold(self, partition: int, start: int, trigger: int) -> None:
+        self.holes[partition] = _Hole(start, trigger, self.clock())
+        held = self.held.get(partition)
+        self.held[partition] = (min(start, held[0]) if held else start, max(trigger, held[1]) if held else trigger)
 
     def overdue(self) -> list[tuple[int, int]]:
         """(partition, offset) of holes whose re-read has not started within retry_s: seek again."""

@@ -199,3 +199,23 @@ def test_learner_on_cuda_grows_fine_tunes_and_publishes_a_cpu_loadable_checkpoin
     loaded, _ = checkpoint.load(str(tmp_path / out[-1]))
     hist = [[RawEvent("i1"), RawEvent("i2"), RawEvent("i3")]]
     assert torch.allclose(loaded.user_vectors(hist), lr.serving.user_vectors(hist).cpu(), atol=1e-4)
+
+
+def test_invented_item_ids_with_future_timestamps_keep_bookkeeping_bounded(monkeypatch):
+    """Junk ids sent twice each with timestamps decades ahead: first_seen and the counts stay
+    under their cap, and a future timestamp counts as at most MAX_CLOCK_SKEW_S ahead."""
+    import model.continual as continual
+    monkeypatch.setattr(continual, "MAX_COUNTED_ITEMS", 200)
+    monkeypatch.setattr(continual, "MAX_NEW_ITEMS_PER_UPDATE", 5)
+    items = [f"i{n}" for n in range(40)]
+    cfg = LearnConfig(every_events=10**9, min_events=1, update_s=1.0, min_item_events=2, margin=-1.0)
+    lr = Learner(tiny_model(items), cfg, SEEN, publish=lambda m, r: "v")
+    far = 3.0e9  # year 2065
+    for n in range(2_000):
+        for _ in range(3):
+            lr.observe(f"u{n % 50}", RawEvent(f"junk{n}", ts=far), 1000.0)
+        assert len(lr.first_seen) <= 200 and len(lr.counts) <= 200
+    assert max(lr.first_seen.values()) <= 1000.0 + continual.MAX_CLOCK_SKEW_S
+    before = lr.serving.cfg.n_items
+    lr.update(2000.0)
+    assert lr.serving.cfg.n_items - before <= 5  # growth per update is capped

@@ -216,3 +216,22 @@ def test_state_cache_is_bounded_lru_and_cleared_per_generation():
     cache.put("a", UserState(), 10)
     cache.on_generation(7)  # the same generation keeps it
     assert cache.get("a") is not None
+
+
+def test_a_hot_users_redelivery_past_the_id_window_is_still_a_no_op():
+    """1,000 events of one user, then all redelivered (a SIGKILL before a commit): the
+    event-id window holds 256 ids, the offset watermark catches the rest. A recreated
+    topic (offsets from 0 again, newer events) is not mistaken for a redelivery."""
+    def at(n, offset):
+        m = msg("hot", n)
+        return Message(m.key, m.value, m.timestamp, 0, offset)
+    store: dict = {}
+    for start in range(0, 1000, 100):
+        run([at(n, n) for n in range(start, start + 100)], store)
+    before = UserState.from_json(store["hot"])
+    assert before.count == 1000 and before.offset == 999
+    out, store = run([at(n, n) for n in range(0, 1000)], store)
+    after = UserState.from_json(store["hot"])
+    assert out.duplicates == 1000 and sum(out.accepted.values()) == 0 and after == before
+    out, store = run([at(n, n - 1000) for n in range(1000, 1010)], store)  # offsets 0..9, newer events
+    assert sum(out.accepted.values()) == 10 and UserState.from_json(store["hot"]).count == 1010

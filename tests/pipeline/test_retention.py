@@ -120,3 +120,28 @@ def test_memtable_larger_than_half_the_budget_is_refused():
 
     with pytest.raises(pydantic.ValidationError, match="STREAMREC_STATE_MEMORY_MB"):
         Settings(state_memory_mb=16, state_write_buffer_mb=16)
+
+
+def test_a_worker_clock_jump_expires_nobody_early():
+    """A worker whose clock is 100 days ahead writes the record's time, not its own, and
+    its sweep measures against the newest record time (plus at most an hour)."""
+    from stream_app.pipeline.processor import BatchProcessor, Message
+    from stream_app.pipeline.state import SWEEP_SLACK_S, StreamClock, sweep_clock
+    from stream_app.config import Settings
+    from stream_app.serving.recommender import CoOccurrenceRecommender
+    jump = 100 * 86_400
+    m = msg("a", 1)
+    record_time = 1_767_225_600.0
+    proc = BatchProcessor(Settings(), CoOccurrenceRecommender(), clock=lambda: record_time + jump)
+    out = proc.process([Message(m.key, m.value, record_time, 0, 5)], {}.get)
+    assert UserState.from_json(out.writes["a"][1]).touched == record_time
+    clock = StreamClock()
+    assert sweep_clock(record_time + jump, clock.newest) is None  # nothing processed: no sweep
+    clock.saw(record_time, wall=record_time + jump)
+    now = sweep_clock(record_time + jump, clock.newest)
+    assert now == record_time + SWEEP_SLACK_S
+    ttl = 90 * 86_400
+    assert idle_state(out.writes["a"][1], cutoff=now - ttl) is None  # idle 1 h, not 100 days
+    # a producer stamping records far ahead moves the stream clock at most 5 minutes past the wall
+    clock.saw(record_time + 10 * jump, wall=record_time)
+    assert clock.newest == record_time + 300

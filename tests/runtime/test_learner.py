@@ -199,3 +199,24 @@ def test_settings_map_onto_the_learner_and_misconfiguration_is_one_line(tmp_path
         LearnerProcess(Settings(model_dir=tmp_path / "empty", state_dir=tmp_path / "s"))
     with pytest.raises(UserError, match="STREAMREC_BOOTSTRAP_SERVERS"):
         run_learner(Settings(model_dir=tmp_path / "models"), __import__("threading").Event())
+
+
+def test_a_second_learner_on_one_model_directory_stops_at_start_naming_the_first(tmp_path):
+    """The lock is held by a real second process; it dies with it (a SIGKILL leaves none)."""
+    import subprocess
+    import sys
+
+    from stream_app.errors import UserError
+    from stream_app.runtime.learner import LOCK, exclusive
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from stream_app.runtime.learner import exclusive; "
+                               f"f = exclusive(Path({str(tmp_path / LOCK)!r})); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"another learner \\(pid {holder.pid} "):
+            exclusive(tmp_path / LOCK)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    exclusive(tmp_path / LOCK).close()  # free again once the holder is gone

@@ -90,3 +90,26 @@ def test_a_generation_starts_at_its_committed_offsets():
     assert feed(g, 1, [40, 41]) == [(40, True, None), (41, True, None)]
     assert feed(g, 0, [6200]) == [(6200, False, 1700)]  # skipped from the start: read again
     assert feed(g, 2, [9]) == [(9, True, None)]  # never committed: the first offset is the start
+
+
+def test_commits_are_clamped_at_a_hold_and_pass_once_it_is_released():
+    """The clamp installed on Faust's offset filter (stream_app/transport/guarded.py), on a
+    stand-in consumer: the filter's arithmetic is pure logic."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from stream_app.transport.guarded import hold_commits_at_holes
+    tp0, tp1 = TP("events", 0), TP("events", 1)
+    consumer = SimpleNamespace(_committed_offset={tp0: 5, tp1: 5},
+                               _filter_committable_offsets=lambda tps: {tp0: 40, tp1: 40})
+    g = OffsetGuard()
+    g.new_generation(1)
+    hold_commits_at_holes(SimpleNamespace(consumer=consumer), g)
+    g.rewind(0, 20, 29)
+    assert consumer._filter_committable_offsets(None) == {tp0: 20, tp1: 40}
+    consumer._committed_offset[tp0] = 20
+    assert consumer._filter_committable_offsets(None) == {tp1: 40}  # nothing new to commit on 0
+    g.admit(0, 20)
+    g.processed(0, 29)
+    assert consumer._filter_committable_offsets(None) == {tp0: 40, tp1: 40}
