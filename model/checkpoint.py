@@ -14,7 +14,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -70,7 +70,8 @@ def save(out_dir: str, model: SeqRec, meta: dict[str, Any] | None = None) -> str
     return version
 
 
-def publish(root: str, model: SeqRec, meta: dict[str, Any], manifest: dict[str, Any], keep: int = 0) -> str:
+def publish(root: str, model: SeqRec, meta: dict[str, Any], manifest: dict[str, Any], keep: int = 0,
+            step: Callable[[str], None] | None = None) -> str:
     """Write a checkpoint as `root/<version>`, crash-safe: it is written in full under a hidden
     temporary name, every file and the directory are fsynced, then it is renamed and the
     parent fsynced (docs/design.md, "Published checkpoints are whole"), so neither a reader
@@ -78,7 +79,9 @@ def publish(root: str, model: SeqRec, meta: dict[str, Any], manifest: dict[str, 
     it came from, plus the publish `sequence` (one more than any in `root`) and `after`
     (the newest hand-placed checkpoint its lineage descends from) that order checkpoints
     without trusting clocks (`ordered`). With `keep`, only the newest `keep` directories
-    that carry a manifest stay."""
+    that carry a manifest stay. `step(name)` is called after each step ("written", "synced",
+    "renamed", "pruned"): where a fault test kills the publisher."""
+    step = step or (lambda name: None)
     os.makedirs(root, exist_ok=True)
     tmp = os.path.join(root, f".tmp-{uuid.uuid4().hex}")
     try:
@@ -88,16 +91,20 @@ def publish(root: str, model: SeqRec, meta: dict[str, Any], manifest: dict[str, 
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"version": version, **manifest, "sequence": sequence,
                        "after": _lineage(seen, manifest.get("parent"))}, f, indent=1)
+        step("written")
         for name in os.listdir(tmp):
             _fsync(os.path.join(tmp, name))
         _fsync(tmp)
+        step("synced")
         os.rename(tmp, os.path.join(root, version))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    step("renamed")
     _fsync(root)  # the rename itself survives a power loss
     if keep:
         prune(root, keep)
+    step("pruned")
     return version
 
 

@@ -248,7 +248,7 @@ def two_learners(ctx: Ctx) -> Row:
     from stream_app.transport.broker import free_port
     models = ctx.workdir / "two_learners-models"
     random_checkpoint(models / "v1", items=300, dim=16, layers=1, window=8)
-    settings = ctx.settings("two_learners", model_dir=models, learn_port=free_port())
+    settings = ctx.settings("two_learners", model_dir=models, learn_port=free_port(), learn_group="faults-two_learners")
     first = WorkerProcess(settings, ctx.workdir / "learner-1.log", command="learn").start().wait_metrics(60)
     second = WorkerProcess(settings.model_copy(update={"learn_port": free_port()}), ctx.workdir / "learner-2.log",
                            command="learn").start()
@@ -262,6 +262,78 @@ def two_learners(ctx: Ctx) -> Row:
     finally:
         first.stop()
         second.stop()
+
+
+PUBLISH_STEPS = ("written", "synced", "renamed", "pruned")
+
+
+def learner_kills(ctx: Ctx) -> Row:
+    """The learner SIGKILLs itself at each step of a publish, one run per step, on the same
+    model directory and consumer group; then a clean restart. Every visible directory must
+    load, the committed offsets must be a finished update's, and the restart must take in
+    exactly the events after them."""
+    from model import checkpoint
+    from model.synthetic import drifting_stream
+    from stream_app.clients.produce import EventProducer
+    from stream_app.serving.lifecycle import newest_checkpoint
+    from stream_app.testing.checkpoints import random_checkpoint
+    from stream_app.transport.broker import free_port
+    models = ctx.workdir / "learner_kills-models"
+    random_checkpoint(models / "v1", items=300, dim=16, layers=1, window=8, neighbors=0)
+    settings = ctx.settings("learner_kills", model_dir=models, learn_port=free_port(), learn_every_events=500,
+                            learn_update_s=3, min_item_events=3, learn_keep=2, learn_group="faults-learner_kills")
+    rows = drifting_stream(150, 300, max(4000, ctx.events // 2), drift_at=0.3, new_items=0.1, seed=5)
+    producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+    for n, (u, i, ts) in enumerate(rows):
+        producer.send_event({"event_id": f"e{n}", "user_id": u, "item_id": i, "type": "click", "ts": ts})
+    producer.close()
+    row = Row("learner_kills", f"the learner SIGKILLed at each publish step ({', '.join(PUBLISH_STEPS)})",
+              sent=len(rows))
+    log = settings.state_dir / "learner" / "updates.jsonl"
+    for step in PUBLISH_STEPS:
+        learner = WorkerProcess(settings, ctx.workdir / f"learner-{step}.log", {"STREAMREC_FAILPOINTS":
+                                f"publish_{step}=kill@1"}, command="learn").start()
+        learner.proc.wait(120)
+        loads = all(_loads(checkpoint, p) for p in models.iterdir() if not p.name.startswith("."))
+        newest = newest_checkpoint(models)
+        finished = [{}] + [{int(p): o for p, o in json.loads(line)["offsets"].items()}
+                           for line in (log.read_text().splitlines() if log.is_file() else [])]
+        row.checks[f"killed after '{step}': dirs load, offsets of a finished update"] = (
+            learner.proc.returncode == -9 and loads and newest is not None and not newest.name.startswith(".")
+            and committed_offsets(settings) in finished[-2:])
+    got = committed_offsets(settings)
+    restarted = WorkerProcess(settings, ctx.workdir / "learner-clean.log", command="learn").start().wait_metrics(60)
+    try:
+        expected = len(rows) - sum(got.values())
+        wait(lambda: restarted.metrics()["streamrec_learner_events_total"] >= expected, 60)
+        time.sleep(1)
+        took = int(restarted.metrics()["streamrec_learner_events_total"])
+        row.lost, row.duplicated = max(0, expected - took), max(0, took - expected)
+        row.checks["the restart removed the killed publishes' hidden leftovers"] = not list(models.glob(".tmp-*"))
+        row.checks["the clean restart publishes"] = wait(
+            lambda: restarted.metrics().get('streamrec_learner_updates_total{outcome="published"}', 0) >= 1, 90)
+    finally:
+        restarted.stop()
+    return row
+
+
+def _loads(checkpoint, path: Path) -> bool:
+    try:
+        checkpoint.load(str(path))
+        return True
+    except Exception:
+        return False
+
+
+def committed_offsets(settings) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.learn_group,
+                      enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(settings.events_topic, p) for p in c.partitions_for_topic(settings.events_topic)]
+        return {tp.partition: c.committed(tp) for tp in tps if c.committed(tp) is not None}
+    finally:
+        c.close()
 
 
 def hot_user(ctx: Ctx) -> Row:
@@ -353,7 +425,7 @@ def changelog_regressions(settings) -> int:
 ROWS: dict[str, Callable[[Ctx], Row]] = {
     "poison_batch": poison_batch, "full_disk": full_disk, "huge_key": huge_key, "hostile_catalog": hostile_catalog,
     "bad_checkpoints": bad_checkpoints, "two_learners": two_learners, "hot_user": hot_user,
-    "paused_worker": paused_worker,
+    "paused_worker": paused_worker, "learner_kills": learner_kills,
 }
 
 

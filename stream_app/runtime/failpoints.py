@@ -3,7 +3,8 @@ fault tests: the fault they inject goes through the same code a real one would.
 
 Off unless `STREAMREC_FAILPOINTS` is set, e.g. `batch=raise@20` (every 20th batch raises
 a plain error, as a bug or a poison record would) or `batch=enospc@20` (every 20th batch
-raises ENOSPC, as a full disk would). Several are separated by commas. A failpoint that
+raises ENOSPC, as a full disk would) or `publish_renamed=kill@1` (the learner SIGKILLs itself
+right after its first publish's rename). Several are separated by commas. A failpoint that
 is not set costs one dictionary lookup.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 from stream_app.errors import UserError
 
-ACTIONS = ("raise", "enospc")
+ACTIONS = ("raise", "enospc", "kill")
 
 
 class InjectedFault(RuntimeError):
@@ -60,6 +61,9 @@ def hit(name: str) -> None:
     action, every = point
     if count % every:
         return
+    if action == "kill":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"failpoint {name}: no space left on device (injected)")
     raise InjectedFault(f"failpoint {name}: injected failure #{count // every}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from stream_app import metrics
 from stream_app.config import Settings, add_settings_arguments, settings_from_args
 from stream_app.errors import UserError
 from stream_app.pipeline.events import InvalidEvent, decode_event
+from stream_app.runtime import failpoints
 from stream_app.serving.lifecycle import checkpoints, fingerprint, newest_checkpoint
 
 log = logging.getLogger("streamrec.learn")
@@ -90,6 +92,8 @@ class LearnerProcess:
         if newest_checkpoint(root) is None:
             raise UserError(f"no checkpoint in {root}; train one first: streamrec train --out {root}/v1 --data ...")
         self.lock = exclusive(root / LOCK)
+        for leftover in root.glob(".tmp-*"):  # a publish killed before its rename; ours alone, we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
         self.rejected: dict[Path, tuple] = {}  # broken checkpoint -> its files' fingerprint: retried if they change
         torch.set_num_threads(settings.learn_threads)
         self.settings, self.root, self.device = settings, root, pick_device(settings.learn_device)
@@ -181,7 +185,7 @@ class LearnerProcess:
 
     def _publish(self, model, report: dict) -> str:
         version = checkpoint.publish(str(self.root), model, {"continual": True}, self._manifest(report),
-                                     keep=self.settings.learn_keep)
+                                     keep=self.settings.learn_keep, step=lambda name: failpoints.hit(f"publish_{name}"))
         self.serving_dir, self.version = self.root / version, version
         metrics.LEARNER_LAST_PUBLISH.set(time.time())
         return version
