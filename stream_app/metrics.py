@@ -39,6 +39,10 @@ REKEYED = Counter(
     "Valid events whose Kafka key was not their user_id, re-published keyed by user_id.",
     registry=REGISTRY,
 )
+STALE_AFTER_FORGET = Counter(
+    "streamrec_stale_after_forget_total", "Re-published mis-keyed events dropped because their user was forgotten "
+    "after they were sent.", registry=REGISTRY,
+)
 RECOMMENDATIONS = Counter(
     "streamrec_recommendations_total", "Recommendation records published.", registry=REGISTRY
 )

@@ -10,83 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from stream_app.testing.consistency import check
-from stream_app.testing.harness import TopicReader, WorkerProcess, isolated_settings, metric_sum
+from stream_app.bench.faults_model import bad_checkpoints, learner_kills, two_learners
+from stream_app.testing.faultkit import Ctx, Row, as_messages, judged, send, wait
+from stream_app.testing.harness import TopicReader, metric_sum
 from stream_app.testing.synth import generate
 
 EXAMPLES = """examples:
   streamrec bench faults --json faults.json
   streamrec bench faults --quick --rows poison_batch,hostile_catalog
 """
-
-
-@dataclass
-class Row:
-    fault: str
-    injected: str
-    sent: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    differ: int = 0
-    stale: int = 0
-    good_dead_lettered: int = 0
-    crashes: int = 0
-    recover_s: float | None = None
-    checks: dict[str, bool] = field(default_factory=dict)  # row-specific targets, by name
-    fenced_batches: int = 0  # batches a stalled worker did not write (paused_worker)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.differ or self.stale or self.good_dead_lettered
-                    or self.crashes) and all(self.checks.values()) and (self.recover_s or 0) <= 30
-
-
-@dataclass
-class Ctx:
-    bootstrap: str
-    workdir: Path
-    events: int
-    say: Callable[[str], None]
-
-    def settings(self, name: str, **overrides):
-        return isolated_settings(self.bootstrap, f"faults-{name}", self.workdir,
-                                 **{"partitions": 2, "batch_wait_ms": 20, **overrides})
-
-    def worker(self, settings, name: str, env: dict | None = None) -> WorkerProcess:
-        return WorkerProcess(settings, self.workdir / f"{name}.log", env).start().wait_ready(120)
-
-
-def send(settings, messages, rate: float | None = None) -> int:
-    from stream_app.clients.produce import EventProducer
-    producer = EventProducer(settings.bootstrap_servers, settings.events_topic, {"max_request_size": 4 << 20})
-    sent = producer.paced(messages, rate)
-    producer.close()
-    producer.check()
-    return sent
-
-
-def as_messages(events: list[dict]):
-    return ((json.dumps(e).encode(), e["user_id"].encode()) for e in events)
-
-
-def judged(row: Row, settings, events: list[dict], fault_end: float, worker: WorkerProcess) -> Row:
-    """Fill in the replay verdict, crashes and recovery time of a row whose fault has ended."""
-    verdict = check(settings, events, timeout=120)
-    row.sent += len(events)
-    row.lost, row.duplicated, row.differ, row.stale = verdict.lost, verdict.duplicated, verdict.differ, verdict.stale
-    row.crashes += int(not worker.alive())
-    if worker.alive():
-        worker.wait_ready(60)
-        row.good_dead_lettered += int(worker.metrics().get('streamrec_invalid_events_total{reason="processing_error"}', 0))
-    row.recover_s = round(time.monotonic() - fault_end, 1)
-    return row
 
 
 # ---- rows ---------------------------------------------------------------------------
@@ -185,155 +123,39 @@ def hostile_catalog(ctx: Ctx, records: int = 10_000) -> Row:
         worker.stop()
 
 
-def bad_checkpoints(ctx: Ctx) -> Row:
-    """A corrupt newest checkpoint at start-up, then an oversized and a half-copied one at
-    hot swap: the worker serves the last good one throughout, and the half-copied one as
-    soon as its copy completes."""
-    from stream_app.testing.checkpoints import random_checkpoint
-    models = ctx.workdir / "bad_checkpoints-models"
-    good = [random_checkpoint(models / f"v{n}", items=300, dim=16, layers=1, window=8) for n in (1, 2)]
-    ((models / "v2") / "weights.safetensors").write_bytes(b"\0" * 100)  # truncated
-    settings = ctx.settings("bad_checkpoints", model_dir=models, model_poll_s=0.5)
-    worker = ctx.worker(settings, "bad_checkpoints")
-    row = Row("bad_checkpoints", "corrupt newest at start-up; oversized and half-copied at hot swap")
+def forget_race(ctx: Ctx, users: int = 50) -> Row:
+    """Per user: events, then 3 events mis-keyed (they go to another partition first and
+    are re-published keyed by user), then at once a forget. The forget must win: no
+    forgotten user may be in state at the end."""
+    from stream_app.testing.consistency import read_changelog
+    settings = ctx.settings("forget_race", partitions=4)
+    worker = ctx.worker(settings, "forget_race")
     try:
-        events, _ = generate(users=200, items=300, events=ctx.events // 2, seed=4)
-        send(settings, as_messages(events[:100]))
-        row.checks["start-up skips the corrupt newest"] = served(worker) == [version_of(models / "v1")]
-        big = models / "v3"
-        shutil.copytree(models / "v1", big)
-        meta = json.loads((big / "checkpoint.json").read_text())
-        meta["config"]["dim"] = 2**20
-        (big / "checkpoint.json").write_text(json.dumps(meta))
-        half = models / "v4"
-        random_checkpoint(ctx.workdir / "v4-full", items=300, dim=16, layers=1, window=8)
-        half.mkdir()
-        shutil.copy(ctx.workdir / "v4-full" / "checkpoint.json", half)  # weights not copied yet
-        time.sleep(3)
-        send(settings, as_messages(events[100:200]))
-        row.checks["hot swap keeps serving v1"] = served(worker) == [version_of(models / "v1")] and worker.alive()
-        shutil.copy(ctx.workdir / "v4-full" / "weights.safetensors", half)
-        done = time.monotonic()
-        row.checks["the completed copy is served"] = wait(lambda: served(worker) == [version_of(half)], 30)
-        send(settings, as_messages(events[200:]))
-        rejected = metric_sum(worker.metrics(), "streamrec_checkpoint_rejected_total")
-        row.checks["each bad checkpoint counted once per state of its files"] = 3 <= rejected <= 4
-        judged(row, settings, events, done, worker)
+        messages = []
+        for u in range(users):
+            user = f"fr{u}"
+            ev = lambda n: {"event_id": f"{user}-{n}", "user_id": user, "type": "click", "item_id": f"i{n}",
+                            "ts": 1.76e9 + n}
+            messages += [(json.dumps(ev(n)).encode(), user.encode()) for n in range(3)]
+            messages += [(json.dumps(ev(n)).encode(), f"other-{u}-{n}".encode()) for n in range(3, 6)]
+            messages.append((json.dumps({"event_id": f"{user}-forget", "user_id": user, "type": "forget",
+                                         "ts": 1.76e9 + 9}).encode(), user.encode()))
+        sent_at = time.monotonic()
+        send(settings, messages)
+        m = lambda: worker.metrics()
+        wait(lambda: metric_sum(m(), "streamrec_events_rekeyed_total") >= 3 * users and
+             m()['streamrec_events_total{type="forget"}'] >= users, 60)
+        time.sleep(3)  # the re-published events are processed after the forgets
+        back = [u for u in read_changelog(settings) if u.startswith("fr")]
+        row = Row("forget_race", f"{users} users: 3 mis-keyed events each, then at once a forget",
+                  sent=len(messages), lost=0, recover_s=round(time.monotonic() - sent_at, 1))
+        row.checks[f"forgotten users back in state: {len(back)}"] = not back
+        stale = int(m().get("streamrec_stale_after_forget_total", 0))
+        row.checks[f"the race happened ({stale} re-published events arrived after their forget, dropped)"] = stale > 0
+        row.crashes = int(not worker.alive())
         return row
     finally:
         worker.stop()
-
-
-def version_of(path: Path) -> str:
-    return json.loads((path / "checkpoint.json").read_text()).get("version", path.name)
-
-
-def served(worker: WorkerProcess) -> list[str]:
-    """Versions the worker serves now (streamrec_model_info)."""
-    return sorted(k.split('version="')[1].split('"')[0] for k, v in worker.metrics().items()
-                  if k.startswith("streamrec_model_info{") and v == 1)
-
-
-def wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def two_learners(ctx: Ctx) -> Row:
-    from stream_app.testing.checkpoints import random_checkpoint
-    from stream_app.transport.broker import free_port
-    models = ctx.workdir / "two_learners-models"
-    random_checkpoint(models / "v1", items=300, dim=16, layers=1, window=8)
-    settings = ctx.settings("two_learners", model_dir=models, learn_port=free_port(), learn_group="faults-two_learners")
-    first = WorkerProcess(settings, ctx.workdir / "learner-1.log", command="learn").start().wait_metrics(60)
-    second = WorkerProcess(settings.model_copy(update={"learn_port": free_port()}), ctx.workdir / "learner-2.log",
-                           command="learn").start()
-    row = Row("two_learners", "a second learner on the same model directory")
-    try:
-        second.proc.wait(60)
-        row.checks["the second stops at start, naming the first"] = (
-            second.proc.returncode != 0 and "another learner" in second.log_tail())
-        row.checks["the first keeps running"] = first.alive()
-        return row
-    finally:
-        first.stop()
-        second.stop()
-
-
-PUBLISH_STEPS = ("written", "synced", "renamed", "pruned")
-
-
-def learner_kills(ctx: Ctx) -> Row:
-    """The learner SIGKILLs itself at each step of a publish, one run per step, on the same
-    model directory and consumer group; then a clean restart. Every visible directory must
-    load, the committed offsets must be a finished update's, and the restart must take in
-    exactly the events after them."""
-    from model import checkpoint
-    from model.synthetic import drifting_stream
-    from stream_app.clients.produce import EventProducer
-    from stream_app.serving.lifecycle import newest_checkpoint
-    from stream_app.testing.checkpoints import random_checkpoint
-    from stream_app.transport.broker import free_port
-    models = ctx.workdir / "learner_kills-models"
-    random_checkpoint(models / "v1", items=300, dim=16, layers=1, window=8, neighbors=0)
-    settings = ctx.settings("learner_kills", model_dir=models, learn_port=free_port(), learn_every_events=500,
-                            learn_update_s=3, min_item_events=3, learn_keep=2, learn_group="faults-learner_kills")
-    rows = drifting_stream(150, 300, max(4000, ctx.events // 2), drift_at=0.3, new_items=0.1, seed=5)
-    producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
-    for n, (u, i, ts) in enumerate(rows):
-        producer.send_event({"event_id": f"e{n}", "user_id": u, "item_id": i, "type": "click", "ts": ts})
-    producer.close()
-    row = Row("learner_kills", f"the learner SIGKILLed at each publish step ({', '.join(PUBLISH_STEPS)})",
-              sent=len(rows))
-    log = settings.state_dir / "learner" / "updates.jsonl"
-    for step in PUBLISH_STEPS:
-        learner = WorkerProcess(settings, ctx.workdir / f"learner-{step}.log", {"STREAMREC_FAILPOINTS":
-                                f"publish_{step}=kill@1"}, command="learn").start()
-        learner.proc.wait(120)
-        loads = all(_loads(checkpoint, p) for p in models.iterdir() if not p.name.startswith("."))
-        newest = newest_checkpoint(models)
-        finished = [{}] + [{int(p): o for p, o in json.loads(line)["offsets"].items()}
-                           for line in (log.read_text().splitlines() if log.is_file() else [])]
-        row.checks[f"killed after '{step}': dirs load, offsets of a finished update"] = (
-            learner.proc.returncode == -9 and loads and newest is not None and not newest.name.startswith(".")
-            and committed_offsets(settings) in finished[-2:])
-    got = committed_offsets(settings)
-    restarted = WorkerProcess(settings, ctx.workdir / "learner-clean.log", command="learn").start().wait_metrics(60)
-    try:
-        expected = len(rows) - sum(got.values())
-        wait(lambda: restarted.metrics()["streamrec_learner_events_total"] >= expected, 60)
-        time.sleep(1)
-        took = int(restarted.metrics()["streamrec_learner_events_total"])
-        row.lost, row.duplicated = max(0, expected - took), max(0, took - expected)
-        row.checks["the restart removed the killed publishes' hidden leftovers"] = not list(models.glob(".tmp-*"))
-        row.checks["the clean restart publishes"] = wait(
-            lambda: restarted.metrics().get('streamrec_learner_updates_total{outcome="published"}', 0) >= 1, 90)
-    finally:
-        restarted.stop()
-    return row
-
-
-def _loads(checkpoint, path: Path) -> bool:
-    try:
-        checkpoint.load(str(path))
-        return True
-    except Exception:
-        return False
-
-
-def committed_offsets(settings) -> dict[int, int]:
-    from kafka import KafkaConsumer, TopicPartition
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.learn_group,
-                      enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(settings.events_topic, p) for p in c.partitions_for_topic(settings.events_topic)]
-        return {tp.partition: c.committed(tp) for tp in tps if c.committed(tp) is not None}
-    finally:
-        c.close()
 
 
 def hot_user(ctx: Ctx) -> Row:
@@ -425,7 +247,7 @@ def changelog_regressions(settings) -> int:
 ROWS: dict[str, Callable[[Ctx], Row]] = {
     "poison_batch": poison_batch, "full_disk": full_disk, "huge_key": huge_key, "hostile_catalog": hostile_catalog,
     "bad_checkpoints": bad_checkpoints, "two_learners": two_learners, "hot_user": hot_user,
-    "paused_worker": paused_worker, "learner_kills": learner_kills,
+    "paused_worker": paused_worker, "learner_kills": learner_kills, "forget_race": forget_race,
 }
 
 

@@ -60,6 +60,7 @@ def writing_for(event: faust.EventT):
         _current_event.reset(token)
 
 
+REKEYED_FROM = "streamrec-rekeyed-from"
 KEY_CAP = 1024  # bytes of a message key kept in its dead letter (a user_id is at most 128 characters)
 RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
@@ -150,8 +151,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         """Dead letters, re-keyed events and forgets (tombstones in the table and output)."""
         for dead in out.dead:
             await dead_letter(msgs[dead.index], dead.reason, dead.detail)
-        for index, user_id in out.rekeyed:
-            await events_topic.send(key=user_id.encode(), value=msgs[index].value)
+        for index, user_id in out.rekeyed:  # its original time travels along (a forget after it wins)
+            await events_topic.send(key=user_id.encode(), value=msgs[index].value,
+                                    headers=[(REKEYED_FROM, repr(msgs[index].timestamp).encode())])
         for user_id, index in out.forgets.items():
             with writing_for(batch[index]):
                 # unconditional: a redelivered forget must still send the tombstone
@@ -349,7 +351,18 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
 
 def msg_of(event: faust.EventT) -> Message:
     m = event.message
-    return Message(m.key, m.value, m.timestamp, m.partition, m.offset)
+    return Message(m.key, m.value, m.timestamp, m.partition, m.offset, rekeyed_from(m.headers))
+
+
+def rekeyed_from(headers) -> float | None:
+    """The original record time a re-published mis-keyed event carries (None for any other)."""
+    for name, value in (headers.items() if isinstance(headers, dict) else headers or ()):
+        if name == REKEYED_FROM:
+            try:
+                return float(value)
+            except (TypeError, ValueError):  # a producer may send any header: ignore a bad one
+                return None
+    return None
 
 
 def offsets_of(events: list[faust.EventT]) -> list[tuple[int, int]]:

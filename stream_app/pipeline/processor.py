@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,6 +30,7 @@ class Message:
     timestamp: float  # record timestamp, epoch seconds
     partition: int = -1  # input partition (kept in state so the TTL sweep can address the user)
     offset: int = -1  # input offset (kept in state: redeliveries at or below it are dropped)
+    rekeyed_from: float | None = None  # a re-published mis-keyed event: its original record time
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class Outcome:
     accepted: Counter = field(default_factory=Counter)  # by event type
     duplicates: int = 0
     expired: int = 0  # users erased by a TTL expiry (conditional forget)
+    stale_after_forget: int = 0  # re-published mis-keyed events sent before their user's forget
 
 
 class BatchProcessor:
@@ -59,6 +61,7 @@ class BatchProcessor:
         self.clock = clock
         self.latest = latest if latest is not None else LatestStore()
         self.states = StateCache(int(settings.state_cache_mb * 2**20))
+        self.forgotten = ForgetMarks()
 
     def process(self, messages: Sequence[Message], load: Callable[[str], bytes | dict | None]) -> Outcome:
         """`load(user_id)` reads the stored value; it is called only for users not cached."""
@@ -89,7 +92,7 @@ class BatchProcessor:
         refreshes: list[Refresh] = []
         newest: dict[str, tuple[int, Event]] = {}
         for user_id, items in per_user.items():
-            items, state = self._state_for(user_id, items, states[user_id], out)
+            items, state = self._state_for(user_id, items, states[user_id], messages, out)
             if not items:
                 continue
             previous = state.items()
@@ -126,7 +129,7 @@ class BatchProcessor:
         return refreshes, newest
 
     def _state_for(self, user_id: str, items: list[tuple[int, Event]], state: UserState,
-                   out: Outcome) -> tuple[list[tuple[int, Event]], UserState]:
+                   messages: Sequence[Message], out: Outcome) -> tuple[list[tuple[int, Event]], UserState]:
         """The user's state, unless the batch holds a forget: then everything before the
         last forget is erased (state, cache, latest recommendations) and only later
         events count, against empty state. A TTL expiry (forget with if_count) is
@@ -137,6 +140,7 @@ class BatchProcessor:
         if cut is None:
             return items, state
         out.forgets[user_id] = items[cut][0]
+        self.forgotten.mark(user_id, messages[items[cut][0]].timestamp)
         if items[cut][1].if_count is None:
             out.accepted["forget"] += 1
         else:
@@ -144,7 +148,11 @@ class BatchProcessor:
         self.recommender.forget(user_id)
         self.latest.forget(user_id)
         self.states.drop(user_id)  # the table entry is deleted; later events start a new state
-        return [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"], UserState()
+        later = [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"]
+        kept = [(i, ev) for i, ev in later  # re-published in the same batch as the forget, sent before it
+                if messages[i].rekeyed_from is None or not self.forgotten.before(user_id, messages[i].rekeyed_from)]
+        out.stale_after_forget += len(later) - len(kept)
+        return kept, UserState()
 
     def _route(self, messages: Sequence[Message], out: Outcome) -> dict[str, list[tuple[int, Event]]]:
         per_user: dict[str, list[tuple[int, Event]]] = {}
@@ -158,6 +166,9 @@ class BatchProcessor:
                 # State is partitioned by key; an event keyed otherwise would land in
                 # the wrong partition's state. Re-publish it keyed by user instead.
                 out.rekeyed.append((i, ev.user_id))
+                continue
+            if msg.rekeyed_from is not None and self.forgotten.before(ev.user_id, msg.rekeyed_from):
+                out.stale_after_forget += 1  # sent before the user's forget, re-published after it
                 continue
             per_user.setdefault(ev.user_id, []).append((i, ev))
         return per_user
@@ -194,9 +205,35 @@ class BatchProcessor:
             metrics.DUPLICATES.inc(out.duplicates)
         if out.rekeyed:
             metrics.REKEYED.inc(len(out.rekeyed))
+        if out.stale_after_forget:
+            metrics.STALE_AFTER_FORGET.inc(out.stale_after_forget)
         if out.expired:
             metrics.EXPIRED_USERS.inc(out.expired)
         metrics.RECOMMENDATIONS.inc(len(out.recommendations))
+
+
+class ForgetMarks:
+    """When each recently forgotten user was forgotten (the forget's record time), so that a
+    mis-keyed event the user's producer sent *before* the forget, re-published keyed by
+    user only after the forget was processed, does not bring the user back (docs/design.md,
+    "Forget wins over mis-keyed events"). Bounded: at most `capacity` users, each for
+    `keep_s` (a re-publication takes milliseconds to seconds). Per worker and in memory:
+    a restart inside that window loses the marks."""
+
+    def __init__(self, capacity: int = 100_000, keep_s: float = 3600.0) -> None:
+        self.capacity, self.keep_s = capacity, keep_s
+        self.marks: OrderedDict[str, float] = OrderedDict()
+
+    def mark(self, user_id: str, forgot_at: float) -> None:
+        self.marks.pop(user_id, None)
+        self.marks[user_id] = forgot_at
+        while len(self.marks) > self.capacity:
+            self.marks.popitem(last=False)
+
+    def before(self, user_id: str, sent_at: float) -> bool:
+        """True if `user_id` was forgotten after `sent_at` (and within `keep_s` of it)."""
+        forgot_at = self.marks.get(user_id)
+        return forgot_at is not None and sent_at <= forgot_at < sent_at + self.keep_s
 
 
 def replayed(msg: Message, ev: Event, state: UserState, newest_ts: float) -> bool:

@@ -1,6 +1,6 @@
 """`streamrec bench faults` at CI size: the rows no other test covers end to end (a hot
 user through a SIGKILL; broken checkpoints at start-up and at hot swap; a worker
-SIGSTOPped beside a second one), then the
+SIGSTOPped beside a second one; a forget racing mis-keyed events), then the
 command itself on one row, for its table and JSON. The other rows' faults have their own
 tests: tests/pipeline/test_faults.py, tests/pipeline/test_catalog.py, tests/runtime/test_learner.py."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_hot_user_bad_checkpoints_and_paused_worker_rows_hold(broker, tmp_path):
-    rows = faults.run_matrix(broker.bootstrap, ["hot_user", "bad_checkpoints", "paused_worker"], 3000, tmp_path,
+    rows = faults.run_matrix(broker.bootstrap, ["hot_user", "bad_checkpoints", "paused_worker", "forget_race"], 3000,
+                             tmp_path,
                              say=lambda _: None)
     for row in rows:
         assert row.ok, row

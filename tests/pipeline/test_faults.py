@@ -152,3 +152,13 @@ def test_a_refused_send_is_a_one_line_error(broker):
     producer.close()
     with pytest.raises(UserError, match="1 of 1 messages were not written"):
         producer.check()
+
+
+def test_a_wildcard_bind_address_is_never_advertised():
+    import socket
+
+    from stream_app.config import Settings
+    from stream_app.pipeline.app import advertised_host
+    assert advertised_host(Settings(web_host="127.0.0.1")) == "127.0.0.1"
+    assert advertised_host(Settings(web_host="0.0.0.0")) == socket.gethostname()
+    assert advertised_host(Settings(web_host="0.0.0.0", web_advertised_host="worker-3")) == "worker-3"

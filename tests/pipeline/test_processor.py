@@ -235,3 +235,38 @@ def test_a_hot_users_redelivery_past_the_id_window_is_still_a_no_op():
     assert out.duplicates == 1000 and sum(out.accepted.values()) == 0 and after == before
     out, store = run([at(n, n - 1000) for n in range(1000, 1010)], store)  # offsets 0..9, newer events
     assert sum(out.accepted.values()) == 10 and UserState.from_json(store["hot"]).count == 1010
+
+
+def test_a_mis_keyed_event_sent_before_a_forget_does_not_bring_the_user_back():
+    """The event went to its wrong key's partition first and was re-published keyed by the
+    user (with its original time) only after the user's forget was processed."""
+    def forget(n, ts):
+        ev = {"event_id": f"f{n}", "user_id": "a", "type": "forget", "ts": T0 + n}
+        return Message(b"a", json.dumps(ev).encode(), ts, 0, n)
+    def republished(n, sent_at):
+        m = msg("a", n)
+        return Message(m.key, m.value, sent_at + 0.5, 0, n, rekeyed_from=sent_at)
+    proc = BatchProcessor(Settings(), CoOccurrenceRecommender(), clock=lambda: 100.25)
+    store: dict = {}
+
+    def feed(messages):
+        out = proc.process(messages, store.get)
+        for user, (_, value) in out.writes.items():
+            store[user] = value
+        for user in out.forgets:
+            store.pop(user, None)
+        return out
+    feed([msg("a", 1)])
+    feed([forget(2, ts=50.0)])
+    out = feed([republished(3, sent_at=49.0)])  # sent before the forget: dropped
+    assert out.stale_after_forget == 1 and "a" not in store
+    out = feed([republished(4, sent_at=51.0)])  # sent after it: a new history begins
+    assert out.stale_after_forget == 0 and UserState.from_json(store["a"]).count == 1
+
+
+def test_a_re_published_event_in_the_forgets_own_batch_is_dropped_too():
+    ev = {"event_id": "f1", "user_id": "a", "type": "forget", "ts": T0 + 1}
+    forget = Message(b"a", json.dumps(ev).encode(), 50.0, 0, 7)
+    m = msg("a", 2)
+    out, store = run([msg("a", 0), forget, Message(m.key, m.value, 50.5, 0, 8, rekeyed_from=49.0)])
+    assert out.stale_after_forget == 1 and "a" not in out.writes
