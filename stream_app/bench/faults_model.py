@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from stream_app.testing.faultkit import Ctx, Row, judged, send, as_messages, wait
-from stream_app.testing.harness import WorkerProcess, metric_sum
+from stream_app.testing.harness import WorkerProcess, learner_committed, metric_sum
 from stream_app.testing.synth import generate
 
 
@@ -118,8 +118,8 @@ def learner_kills(ctx: Ctx) -> Row:
                            for line in (log.read_text().splitlines() if log.is_file() else [])]
         row.checks[f"killed after '{step}': dirs load, offsets of a finished update"] = (
             learner.proc.returncode == -9 and loads and newest is not None and not newest.name.startswith(".")
-            and committed_offsets(settings) in finished[-2:])
-    got = committed_offsets(settings)
+            and learner_committed(settings) in finished[-2:])
+    got = learner_committed(settings)
     restarted = WorkerProcess(settings, ctx.workdir / "learner-clean.log", command="learn").start().wait_metrics(60)
     try:
         expected = len(rows) - sum(got.values())
@@ -141,14 +141,3 @@ def _loads(checkpoint, path: Path) -> bool:
         return True
     except Exception:
         return False
-
-
-def committed_offsets(settings) -> dict[int, int]:
-    from kafka import KafkaConsumer, TopicPartition
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.learn_group,
-                      enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(settings.events_topic, p) for p in c.partitions_for_topic(settings.events_topic)]
-        return {tp.partition: c.committed(tp) for tp in tps if c.committed(tp) is not None}
-    finally:
-        c.close()

@@ -248,3 +248,17 @@ def percentile(sorted_data: list[float], q: float) -> float:
     if not sorted_data:
         return float("nan")
     return sorted_data[min(len(sorted_data) - 1, int(len(sorted_data) * q))]
+
+
+def learner_committed(settings: Settings) -> dict[int, int]:
+    """The events topic's offsets the learner's consumer group has committed, by partition
+    (partitions never committed are absent)."""
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.learn_group,
+                      enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(settings.events_topic, p) for p in c.partitions_for_topic(settings.events_topic)]
+        offsets = {tp.partition: c.committed(tp) for tp in tps}
+        return {p: o for p, o in offsets.items() if o is not None}
+    finally:
+        c.close()

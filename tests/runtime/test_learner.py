@@ -20,7 +20,7 @@ from model.synthetic import drifting_stream
 from model.transformer import SeqRec
 from stream_app.clients.produce import EventProducer
 from stream_app.serving.lifecycle import Lifecycle, newest_checkpoint
-from stream_app.testing.harness import TopicReader, WorkerProcess, metric_sum
+from stream_app.testing.harness import TopicReader, WorkerProcess, learner_committed, metric_sum
 from stream_app.transport.broker import free_port
 
 ITEMS = 150
@@ -47,17 +47,6 @@ def send_stream(settings, events: int, new_items: float = 0.2, seed: int = 3) ->
 
 def learner_for(settings, log: Path) -> WorkerProcess:
     return WorkerProcess(settings, log, command="learn").start().wait_metrics(60)
-
-
-def committed(settings) -> dict[int, int]:
-    from kafka import KafkaConsumer, TopicPartition
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=settings.learn_group,
-                      enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(settings.events_topic, p) for p in c.partitions_for_topic(settings.events_topic)]
-        return {tp.partition: c.committed(tp) for tp in tps if c.committed(tp) is not None}
-    finally:
-        c.close()
 
 
 def wait_for(check, timeout: float, what: str, proc: WorkerProcess | None = None):
@@ -140,7 +129,7 @@ def test_killed_learner_leaves_whole_checkpoints_and_resumes_from_committed_offs
     # offsets are committed only for finished updates: the last one logged, or the one before
     # it when the kill fell between an update's log line and its commit
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    got = committed(settings)
+    got = learner_committed(settings)
     finished = [{}] + [{int(p): o for p, o in d["offsets"].items()} for d in done]
     assert got in finished[-2:]
     # a restart takes in exactly the events after the committed offsets
