@@ -3,15 +3,37 @@ import the names instead of repeating strings. Label values come from closed set
 (event types, DLQ reasons) so cardinality stays bounded."""
 from __future__ import annotations
 
+import platform
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from importlib import metadata
+from typing import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
 
 from stream_app.pipeline.events import CONTROL_TYPES, EVENT_TYPES, REASONS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def _runtime(registry: CollectorRegistry) -> None:
+    """process_* (RSS, CPU, fds), python_info, python_gc_* and streamrec_build_info on a
+    process's own registry: the default registry, which carries them, is not served."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    Gauge("streamrec_build_info", "Versions this process runs (value 1).", ["version", "python", "torch"],
+          registry=registry).labels(_version("streamrec"), platform.python_version(), _version("torch")).set(1)
+
+
+_runtime(REGISTRY)
 
 EVENTS = Counter("streamrec_events_total", "Valid events accepted, by type.", ["type"], registry=REGISTRY)
 INVALID = Counter(
@@ -109,6 +131,24 @@ ONLINE_HIT_RATE = Gauge("streamrec_online_hit_rate", "Online hit rate over the l
                         ["variant"], registry=REGISTRY)
 CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages behind the log end, per assigned partition.",
                      ["topic", "partition"], registry=REGISTRY)
+_LAG_SERIES: set[tuple[str, str]] = set()
+
+
+def export_lag(lags: dict[tuple[str, str], int]) -> None:
+    """streamrec_consumer_lag for exactly these (topic, partition) keys: the series of a
+    partition this worker no longer owns is removed (docs/design.md, "Partition series
+    follow ownership")."""
+    drop_lag(_LAG_SERIES - lags.keys())
+    for key, lag in lags.items():
+        CONSUMER_LAG.labels(*key).set(lag)
+        _LAG_SERIES.add(key)
+
+
+def drop_lag(keys: Iterable[tuple[str, str]]) -> None:
+    """Remove the lag series of these (topic, partition) keys (revoked partitions)."""
+    for key in set(keys) & _LAG_SERIES:
+        CONSUMER_LAG.remove(*key)
+        _LAG_SERIES.discard(key)
 ASSIGNED_PARTITIONS = Gauge("streamrec_assigned_partitions", "Input partitions this worker owns now.",
                             registry=REGISTRY)
 BROKER_UP = Gauge("streamrec_broker_up", "1 when the last broker probe answered, else 0.", registry=REGISTRY)
@@ -153,6 +193,7 @@ for _r in CHECKPOINT_REJECT_REASONS:  # model/checkpoint.py's REJECT_REASONS, pl
 
 # --- the continual learner (`streamrec learn`): a process of its own, so a registry of its own ----------
 LEARNER_REGISTRY = CollectorRegistry(auto_describe=True)
+_runtime(LEARNER_REGISTRY)
 PREQUENTIAL_HR = Gauge("streamrec_prequential_hr", "Test-then-train HR@10 over the last N scored events, by model "
                        "(serving: what the worker serves; candidate: the learner's latest).", ["model"],
                        registry=LEARNER_REGISTRY)

@@ -44,7 +44,7 @@ REQUIRED_ALERTS = {
     "StreamrecLatencyP99High", "StreamrecNoRecommendations", "StreamrecCacheHitRatioLow",
     "StreamrecServedModelStale",
 }
-METRIC_RE = re.compile(r"\bstreamrec_[a-zA-Z0-9_]+\b")
+METRIC_RE = re.compile(r"\b(?:streamrec|process|python)_[a-zA-Z0-9_]+\b")  # ours + runtime collectors
 ENV_RE = re.compile(r"\bSTREAMREC_[A-Z0-9_]+\b")
 INTERP_RE = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")  # ${VAR:-default}
 
@@ -281,8 +281,14 @@ def test_dashboard_structure(dashboard):
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
     ds = yaml.safe_load(DATASOURCES.read_text())["datasources"]
-    uids = {d["uid"] for d in ds}
     assert dashboard["uid"] == "streamrec"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == ds[0]["type"] == "prometheus"
+    uids = {"${datasource}"}  # chosen on the dashboard: no datasource uid is hard-coded
+    hard_coded = re.findall(r'"uid":\s*"([^"$-][^"]*)"', DASHBOARD.read_text())
+    assert hard_coded == ["streamrec"], f"hard-coded uids besides the dashboard's own: {hard_coded}"
+    assert variables["instance"]["datasource"]["uid"] == "${datasource}"
     for p in panels:
         g = p["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]

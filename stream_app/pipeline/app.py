@@ -318,6 +318,10 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)
 
+    @app.on_partitions_revoked.connect
+    async def drop_revoked_lag(app, revoked, **kwargs) -> None:  # at once, not at the next gauges tick
+        metrics.drop_lag((tp.topic, str(tp.partition)) for tp in revoked)
+
     @app.page("/metrics")
     async def metrics_page(web, request):
         # aiohttp rejects the charset in CONTENT_TYPE_LATEST; Prometheus accepts text/plain
@@ -391,10 +395,11 @@ def export_lag(app: faust.App, topic: str) -> None:
     """streamrec_consumer_lag{topic,partition}: log end offset minus the next offset to read.
 
     Faust has no public read-position API; _read_offset is the consumer's own bookkeeping."""
-    consumer = app.consumer
+    consumer, lags = app.consumer, {}
     for tp in consumer.assignment():
         if tp.topic != topic:
             continue
         end, read = consumer.highwater(tp), consumer._read_offset.get(tp)
         if end is not None:
-            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - (read + 1 if read is not None else 0)))
+            lags[tp.topic, str(tp.partition)] = max(0, end - (read + 1 if read is not None else 0))
+    metrics.export_lag(lags)  # and removes the series of partitions no longer assigned

@@ -52,3 +52,34 @@ def test_kill_one_of_two_workers_and_bring_it_back(make_settings, start_worker, 
     verdict = check(a_settings, events)
     assert verdict.ok, json.dumps(verdict.to_dict(), indent=1)
     assert a.alive() and b.alive()
+
+
+def test_lag_series_follow_the_assignment():
+    """A partition that moved to another worker leaves this worker's /metrics, so
+    sum(streamrec_consumer_lag) over workers counts it once (docs/design.md, "Partition
+    series follow ownership")."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from stream_app import metrics
+    from stream_app.pipeline.app import export_lag
+    from stream_app.testing.harness import parse_metrics
+
+    def lag_series() -> dict[str, float]:
+        return {k: v for k, v in parse_metrics(metrics.render().decode()).items()
+                if k.startswith("streamrec_consumer_lag{") and 'topic="lag-t"' in k}
+
+    owned = {TP("lag-t", p) for p in range(4)} | {TP("other", 0)}
+    consumer = SimpleNamespace(assignment=lambda: owned, highwater=lambda tp: 10, _read_offset={TP("lag-t", 1): 4})
+    app = SimpleNamespace(consumer=consumer)
+    export_lag(app, "lag-t")
+    assert lag_series() == {f'streamrec_consumer_lag{{partition="{p}",topic="lag-t"}}': lag
+                            for p, lag in ((0, 10), (1, 5), (2, 10), (3, 10))}
+    owned = {TP("lag-t", 1), TP("lag-t", 3)}  # a rebalance gave 0 and 2 to another worker
+    export_lag(app, "lag-t")
+    assert set(lag_series()) == {f'streamrec_consumer_lag{{partition="{p}",topic="lag-t"}}' for p in (1, 3)}
+    metrics.drop_lag([("lag-t", "1")])  # revoked: gone before the next export
+    assert set(lag_series()) == {'streamrec_consumer_lag{partition="3",topic="lag-t"}'}
+    metrics.export_lag({})
+    assert not lag_series()
