@@ -175,6 +175,13 @@ class Settings(BaseSettings):
                         "host's name when web_host is a wildcard such as 0.0.0.0).")
     log_level: str = Field("info", description="Worker log level.")
 
+    @field_validator("model_dir", "model_b_dir", mode="before")
+    @classmethod
+    def _empty_dir_is_none(cls, value):
+        """`STREAMREC_MODEL_DIR=""` means no model directory (compose files and shells set
+        variables empty to unset them), not the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("security_protocol", "sasl_mechanism", mode="before")
     @classmethod
     def _upper(cls, value):

@@ -10,6 +10,12 @@ A checkpoint that does not load is never fatal while an older one does: start-up
 newest loadable one, a failed swap keeps the current model, and each failure is logged and
 counted once per state of the directory's files (`fingerprint`), so a directory still being
 copied in is tried again when it changes (docs/design.md, "Published checkpoints are whole").
+
+A watched directory with nothing loadable yet (missing, empty, or only rejected checkpoints)
+is not fatal either: its variant is answered by the co-occurrence baseline and the first
+checkpoint that loads is swapped in like any newer one, so a worker started on an empty
+model volume stays up until a trainer or learner publishes (docs/design.md, "A model
+directory may start empty").
 """
 from __future__ import annotations
 
@@ -86,6 +92,20 @@ class ABRouter:
         return out
 
 
+class FallbackArm:
+    """The shared co-occurrence baseline answering as one A/B variant while that variant's
+    directory has no loadable checkpoint: its records and metrics keep the variant's name."""
+
+    def __init__(self, fallback: CoOccurrenceRecommender, variant: str) -> None:
+        self.fallback, self.variant, self.version = fallback, variant, fallback.version
+
+    def forget(self, user_id: str) -> None:
+        self.fallback.forget(user_id)
+
+    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+        return [Ranked(r.items, r.model_version, self.variant) for r in self.fallback.recommend(batch, k)]
+
+
 class Lifecycle:
     """Builds the serving recommender from settings and swaps checkpoints as they appear."""
 
@@ -109,12 +129,10 @@ class Lifecycle:
         self.recommender = self._compose()
 
     def _start(self, variant: str, path: Path) -> None:
-        """Serve the newest checkpoint of `path` that loads; older ones are the fallback."""
+        """Serve the newest checkpoint of `path` that loads; older ones are the fallback.
+        Nothing loadable (yet) serves the co-occurrence baseline until `poll` finds one."""
         from model.checkpoint import BadCheckpoint
         found = checkpoints(path)
-        if not found:
-            raise UserError(f"no checkpoint in {path}; train one with `streamrec train --out {path}/v1` "
-                            "or unset STREAMREC_MODEL_DIR to serve the co-occurrence baseline")
         for ckpt in found:
             fp = fingerprint(ckpt)
             if self.failed.get(ckpt) == fp:  # variant A already tried this directory
@@ -126,9 +144,10 @@ class Lifecycle:
                 continue
             self._install(variant, rec, ckpt)
             return
-        raise UserError(f"no loadable checkpoint in {path} ({len(found)} rejected; newest: "
-                        f"{self._why.get(found[0], '?')}); fix or remove them, or train one with "
-                        f"`streamrec train --out {path}/v1`")
+        what = f"{len(found)} rejected" if found else "none yet"
+        log.warning("no loadable checkpoint in %s (%s): variant %s serves the co-occurrence baseline and "
+                    "waits for a checkpoint (checked every %gs; train one with `streamrec train --out %s/v1`)",
+                    path, what, self._variant_name(variant), self.settings.model_poll_s, path)
 
     def _reject(self, ckpt: Path, fp: tuple, exc: Exception) -> None:
         from model.checkpoint import BadCheckpoint
@@ -162,11 +181,19 @@ class Lifecycle:
         log.info("serving %s as variant %s", rec.version, rec.variant)
 
     def _compose(self):
-        if not self.arms:
-            return self.fallback
-        if len(self.arms) == 1:
-            return self.arms["A"]
-        return ABRouter(self.arms, self.settings.ab_split, self.fallback)
+        """The serving object; a variant with no checkpoint served is the baseline, shown as
+        such in streamrec_model_info so "which model answers" is never empty."""
+        names = [self._variant_name(v) for v, p in self.dirs.items() if p is not None] or ["default"]
+        waiting = {self._variant_name(v) for v, p in self.dirs.items() if p is not None and v not in self.arms}
+        for name in names:
+            if name in waiting or not self.arms:
+                metrics.MODEL_INFO.labels(self.fallback.version, name).set(1)
+            else:
+                metrics.MODEL_INFO.remove(self.fallback.version, name)
+        if self.dirs["B"] is None:
+            return self.arms.get("A", self.fallback)
+        return ABRouter({v: self.arms.get(v) or FallbackArm(self.fallback, v) for v in ("A", "B")},
+                        self.settings.ab_split, self.fallback)
 
     async def poll(self) -> bool:
         """Swap in the newest checkpoint newer than the served one that loads (loaded in a

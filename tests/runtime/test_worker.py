@@ -1,5 +1,6 @@
-"""The worker entry point, in process: a configured but unreachable cluster is a bounded
-one-line UserError (the CLI prints it), never a hang or a traceback."""
+"""The worker entry point: a configured but unreachable cluster is a bounded one-line
+UserError (the CLI prints it), never a hang or a traceback; an empty model directory is
+served by the baseline until a checkpoint appears, in a real worker process."""
 from __future__ import annotations
 
 import time
@@ -17,3 +18,51 @@ def test_unreachable_cluster_fails_within_the_connect_timeout():
     with pytest.raises(UserError, match="cannot reach Kafka at 127.0.0.1:1"):
         run_worker(settings)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.integration
+def test_an_empty_model_dir_serves_the_baseline_then_the_first_checkpoint(world, make_settings, start_worker,
+                                                                          tmp_path):
+    """Compose starts the worker on an empty model volume: it must stay up and recommend
+    within a minute, then serve the first checkpoint published there (docs/design.md, "A
+    model directory may start empty")."""
+    import json
+    import shutil
+
+    from model import checkpoint
+    from stream_app.clients.produce import EventProducer
+    from stream_app.testing.harness import TopicReader
+
+    events, _, ckpt = world
+    models = tmp_path / "models"
+    models.mkdir()
+    settings = make_settings(model_dir=models, model_poll_s=0.5)
+    start = time.monotonic()
+    worker = start_worker(settings)
+    reader = TopicReader(settings.bootstrap_servers, settings.recommendations_topic)
+
+    def send(batch: list[dict]) -> None:
+        producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
+        for e in batch:
+            producer.send_event(e)
+        producer.close()
+
+    def versions(records) -> set[str]:
+        return {json.loads(r.value)["model_version"] for r in records if r.value is not None}
+
+    send(events[:300])
+    first = reader.read_until(lambda records: bool(versions(records)), 60)
+    assert versions(first) == {"cooccurrence-v1"} and time.monotonic() - start < 60
+    assert "waits for a checkpoint" in worker.log_tail(200) and worker.alive()
+    shutil.copytree(ckpt, tmp_path / "staging-v1")
+    (tmp_path / "staging-v1").rename(models / "v1")  # published by a rename, as the learner does
+    version = checkpoint.load(str(models / "v1"))[1]["version"]
+    deadline = time.monotonic() + 30
+    while worker.metrics().get(f'streamrec_model_info{{variant="default",version="{version}"}}') != 1:
+        assert time.monotonic() < deadline and worker.alive(), worker.log_tail()
+        time.sleep(0.25)
+    send(events[300:600])
+    later = reader.read_until(lambda records: version in versions(records), 60)
+    assert version in versions(later)
+    assert worker.metrics().get('streamrec_model_info{variant="default",version="cooccurrence-v1"}') is None
+    reader.close()

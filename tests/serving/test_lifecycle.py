@@ -14,7 +14,6 @@ import pytest
 from model import checkpoint
 from stream_app import metrics
 from stream_app.config import Settings
-from stream_app.errors import UserError
 from stream_app.serving.lifecycle import Lifecycle, newest_checkpoint
 from tests.model.test_checkpoint import DAMAGE, age, tiny_model
 
@@ -55,16 +54,66 @@ def test_startup_falls_back_past_a_bad_newest_checkpoint(models, damage):
     assert rejected(reason) == before + 1 and life.served["A"] == root / s1
 
 
-def test_startup_with_nothing_loadable_is_one_line(models, tmp_path):
+def model_info(version: str, variant: str = "default") -> float | None:
+    return metrics.REGISTRY.get_sample_value("streamrec_model_info", {"version": version, "variant": variant})
+
+
+def test_startup_with_nothing_loadable_serves_the_baseline_and_counts_the_rejects(models, caplog):
+    """A worker that stays up is what an orchestrator needs (docs/design.md, "A model
+    directory may start empty"): broken checkpoints are counted and logged, not fatal."""
     root, names = models
     for name in names:
         (root / name / checkpoint.WEIGHTS).write_bytes(b"broken")
-    with pytest.raises(UserError, match="no loadable checkpoint in") as err:
-        Lifecycle(settings(root))
-    assert "\n" not in str(err.value) and "3 rejected" in str(err.value)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no checkpoint in"):
-        Lifecycle(settings(tmp_path / "empty"))
+    before = rejected("corrupt")
+    life = Lifecycle(settings(root))
+    assert life.recommender is life.fallback and not life.served
+    assert rejected("corrupt") == before + 3
+    assert "3 rejected" in caplog.text and "waits for a checkpoint" in caplog.text
+    assert model_info("cooccurrence-v1") == 1
+
+
+@pytest.mark.parametrize("empty", ["missing", "empty dir"])
+def test_an_empty_model_dir_serves_the_baseline_then_swaps_in_the_first_checkpoint(tmp_path, empty, caplog):
+    root = tmp_path / "models"
+    if empty == "empty dir":
+        root.mkdir()
+    life = Lifecycle(settings(root))
+    assert life.recommender is life.fallback and not life.served
+    assert [r.message for r in caplog.records if "waits for a checkpoint" in r.message][0].count("\n") == 0
+    assert model_info("cooccurrence-v1") == 1
+    assert not asyncio.run(life.poll())  # still nothing: no change, no reject counted
+    before = swaps()
+    v1 = checkpoint.save(str(tmp_path / "staging" / "v1"), tiny_model(0))
+    (root).mkdir(exist_ok=True)
+    (tmp_path / "staging" / "v1").rename(root / "v1")  # published by a rename, as the learner does
+    assert asyncio.run(life.poll())
+    assert life.served["A"] == root / "v1" and life.recommender.version == v1 and swaps() == before + 1
+    assert model_info(v1) == 1 and model_info("cooccurrence-v1") is None
+    assert metrics.REGISTRY.get_sample_value("streamrec_model_age_seconds", {"variant": "default"}) >= 0
+
+
+def test_ab_with_one_empty_arm_answers_that_variant_with_the_baseline(models, tmp_path):
+    from stream_app.pipeline.state import UserState
+    from stream_app.serving.recommender import Refresh
+    root, (_, s1, s2) = models
+    (tmp_path / "b").mkdir()
+    life = Lifecycle(Settings(model_dir=root, model_b_dir=tmp_path / "b", ab_split=0.5, cache_mb=1.0))
+    assert set(life.served) == {"A"} and model_info("cooccurrence-v1", "B") == 1
+    known = UserState(history=[("i1", 1, 1.0, "")], count=1)  # an item the model knows: it answers
+    batch = [Refresh(f"u{n}", known, ()) for n in range(40)]
+    out = {(r.variant, r.model_version) for r in life.recommender.recommend(batch, 5)}
+    assert out == {("A", s2), ("B", "cooccurrence-v1")}
+    shutil.copytree(root / s1, tmp_path / "b" / "v1")
+    assert asyncio.run(life.poll()) and set(life.served) == {"A", "B"}
+    assert model_info("cooccurrence-v1", "B") is None
+
+
+def test_empty_model_dir_setting_means_none(monkeypatch):
+    monkeypatch.setenv("STREAMREC_MODEL_DIR", "")
+    monkeypatch.setenv("STREAMREC_MODEL_B_DIR", "")
+    assert Settings().model_dir is None and Settings().model_b_dir is None
+    assert Settings(model_dir="").model_dir is None
+    assert Lifecycle(Settings(model_dir="")).recommender.version == "cooccurrence-v1"
 
 
 def test_sequence_beats_mtime_at_startup(models):
