@@ -140,6 +140,15 @@ def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | No
     )
 
 
+def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
+    """Configs a topic is created with. The catalog (latest row per item) and the
+    recommendations (latest list per user, a tombstone for a forgotten user) are compacted:
+    only the newest record per key means anything, and compaction is what lets a
+    tombstone erase a forgotten user's list from the topic (docs/contracts.md)."""
+    compacted = {settings.catalog_topic, settings.recommendations_topic}
+    return {"cleanup.policy": "compact"} if topic in compacted else {}
+
+
 def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
     """Create topics with the configured partition count; fail loudly on a mismatch."""
     from kafka import KafkaAdminClient
@@ -153,11 +162,9 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
-            compacted = {settings.catalog_topic}  # latest record per key is all that matters
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics([NewTopic(t, settings.partitions, settings.replication_factor,
-                                              topic_configs={"cleanup.policy": "compact"} if t in compacted else {})
-                                     for t in missing])
+                                              topic_configs=topic_configs(settings, t)) for t in missing])
         for desc in admin.describe_topics(topics):
             n = len(desc.get("partitions") or [])
             if n and n != settings.partitions:
