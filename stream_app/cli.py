@@ -25,13 +25,25 @@ COMMANDS: dict[str, Command] = {
     "learn": Command("stream_app.runtime.learner", "continual learner: fine-tune on the live stream, publish gated checkpoints"),
     "train": Command("model.train", "train the sequential transformer recommender"),
     "eval": Command("model.evaluate", "evaluate a checkpoint or a baseline (sampled or full ranking)"),
-    "bench": Command("stream_app.bench", "benchmarks: inference, pipeline, chaos, hostile, soak, broker, quality"),
+    "bench": Command("stream_app.bench", "benchmarks: inference, pipeline, hostile, chaos, soak, quality, broker, "
+                                         "replay, freshness, retrieval, faults"),
 }
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), so a log or a bug report names the build."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("streamrec")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed; pip install -e .)"
 
 
 def _overview() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: streamrec COMMAND [options]   (streamrec COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: streamrec COMMAND [options]   (streamrec COMMAND --help for details)",
+             "       streamrec --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -53,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"streamrec {version()}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

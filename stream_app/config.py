@@ -3,7 +3,7 @@ docs/configuration.md's settings table are generated from it, so they cannot dri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -173,7 +173,11 @@ class Settings(BaseSettings):
     web_advertised_host: str = Field(
         "", description="Host name other workers use to forward a lookup here (default: web_host, or this "
                         "host's name when web_host is a wildcard such as 0.0.0.0).")
-    log_level: str = Field("info", description="Worker log level.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Log level of the worker and the learner: debug, info, warning, error or critical.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of the worker and the learner: text, or json (one object per line: "
+                            "ts, level, logger, message).")
 
     @field_validator("model_dir", "model_b_dir", mode="before")
     @classmethod
@@ -186,6 +190,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _memtable_fits(self) -> "Settings":
@@ -240,14 +249,27 @@ SECURITY_FIELDS = ["security_protocol", "sasl_mechanism", "sasl_username", "sasl
                    "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"]
 
 
+def is_bool(field) -> bool:
+    """bool and bool | None settings: their flag needs no value."""
+    return field.annotation is bool or (bool in get_args(field.annotation) and
+                                        set(get_args(field.annotation)) <= {bool, type(None)})
+
+
 def add_settings_arguments(parser, only: list[str] | None = None) -> None:
-    """One --flag per setting (env STREAMREC_<NAME> is the default), so CLI and env agree."""
+    """One --flag per setting (env STREAMREC_<NAME> is the default), so CLI and env agree.
+    A boolean's `--flag` alone means true and `--no-flag` false (`--flag false` works too)."""
     group = parser.add_argument_group("settings (each also readable from STREAMREC_<NAME>)")
     for name, field in Settings.model_fields.items():
         if only is not None and name not in only:
             continue
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None,
-                           metavar=name.upper(), help=field.description)
+        flag, dest = name.replace("_", "-"), f"setting_{name}"
+        if is_bool(field):
+            group.add_argument(f"--{flag}", dest=dest, default=None, nargs="?", const="true", metavar="BOOL",
+                               help=field.description)
+            group.add_argument(f"--no-{flag}", dest=dest, action="store_const", const="false",
+                               help=f"--{flag} false")
+        else:
+            group.add_argument(f"--{flag}", dest=dest, default=None, metavar=name.upper(), help=field.description)
 
 
 def settings_from_args(args) -> Settings:

@@ -85,3 +85,45 @@ def test_demo_says_once_when_processing_stops_with_events_waiting():
     assert warning.at_s == 120.0  # 60 s after the last progress, sampled every 5 s
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 1 and "5000 waiting" in lines[0] and "STREAMREC_BOOTSTRAP_SERVERS" in lines[0]
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"streamrec {version('streamrec')}"
+
+
+def test_help_lists_every_benchmark(capsys):
+    from stream_app.bench import BENCHES
+    main(["--help"])
+    overview = capsys.readouterr().out
+    bench_line = next(line for line in overview.splitlines() if line.strip().startswith("bench"))
+    assert all(name in bench_line for name in BENCHES), bench_line
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in BENCHES)
+
+
+@pytest.mark.parametrize("flags,incremental,single", [
+    ([], True, None),
+    (["--no-incremental"], False, None),
+    (["--incremental"], True, None),
+    (["--incremental", "false", "--single-record-batches"], False, True),
+    (["--no-single-record-batches", "--incremental", "true"], True, False),
+])
+def test_boolean_flags_need_no_value(flags, incremental, single):
+    from stream_app.cli import build_parser
+    from stream_app.config import settings_from_args
+    parser, _ = build_parser("worker")
+    settings = settings_from_args(parser.parse_args(flags))
+    assert settings.incremental is incremental and settings.single_record_batches is single
+
+
+@pytest.mark.parametrize("flag,value,valid", [("--log-level", "verbose", "'debug', 'info', 'warning'"),
+                                              ("--log-format", "xml", "'text' or 'json'")])
+def test_log_settings_are_checked_in_one_line(flag, value, valid):
+    result = streamrec("worker", flag, value)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert flag in lines[0] and valid in lines[0] and "Traceback" not in result.stderr

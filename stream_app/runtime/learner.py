@@ -253,7 +253,8 @@ def commit(consumer, tps: dict, report: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stream_app.runtime import logs
+    logs.setup(settings.log_level, settings.log_format)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is one line per connection event
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

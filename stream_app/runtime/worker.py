@@ -27,7 +27,7 @@ def run_worker(settings: Settings) -> int:
     """Blocks until SIGINT/SIGTERM; the embedded broker (if any) is stopped afterwards.
 
     May first re-execute the process with jemalloc preloaded (stream_app.runtime.allocator)."""
-    from stream_app.runtime import allocator, failpoints
+    from stream_app.runtime import allocator, failpoints, logs
 
     failpoints.points()  # a malformed STREAMREC_FAILPOINTS is a one-line error, before anything starts
     running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
@@ -44,6 +44,7 @@ def run_worker(settings: Settings) -> int:
     from stream_app.transport.health import EXIT_BROKER_LOST, BrokerWatch
     from stream_app.serving.lifecycle import Lifecycle
 
+    logs.setup(settings.log_level, settings.log_format)  # model loading logs before Faust sets up its own
     metrics.ALLOCATOR.labels(running_on).set(1)
     loop_kind = use_event_loop(settings.event_loop)
 
@@ -56,9 +57,11 @@ def run_worker(settings: Settings) -> int:
         app = create_app(ready, Lifecycle(ready, catalog), catalog, watch)
         gc.freeze()  # what start-up built (modules, torch, the model) lives as long as the worker:
         # later full collections skip it (docs/operations.md, "Where a worker's time goes")
-        print(f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
-              f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}, loop {loop_kind}", flush=True)
-        worker = Worker(app, loglevel=ready.log_level, quiet=True)
+        print(logs.line(ready.log_format, f"streamrec worker: kafka {ready.bootstrap_servers}, metrics "
+                        f"http://{ready.web_host}:{ready.web_port}/metrics, allocator {running_on}, loop {loop_kind}"),
+              flush=True)
+        worker = Worker(app, loglevel=ready.log_level, quiet=True,
+                        logging_config=logs.faust_config(ready.log_level, ready.log_format))
         code = 0
         try:
             worker.execute_from_commandline()

@@ -1,6 +1,7 @@
 """The worker entry point: a configured but unreachable cluster is a bounded one-line
 UserError (the CLI prints it), never a hang or a traceback; an empty model directory is
-served by the baseline until a checkpoint appears, in a real worker process."""
+served by the baseline until a checkpoint appears, in a real worker process whose log is
+JSON lines (log_format=json)."""
 from __future__ import annotations
 
 import time
@@ -36,7 +37,7 @@ def test_an_empty_model_dir_serves_the_baseline_then_the_first_checkpoint(world,
     events, _, ckpt = world
     models = tmp_path / "models"
     models.mkdir()
-    settings = make_settings(model_dir=models, model_poll_s=0.5)
+    settings = make_settings(model_dir=models, model_poll_s=0.5, log_format="json")
     start = time.monotonic()
     worker = start_worker(settings)
     reader = TopicReader(settings.bootstrap_servers, settings.recommendations_topic)
@@ -53,7 +54,9 @@ def test_an_empty_model_dir_serves_the_baseline_then_the_first_checkpoint(world,
     send(events[:300])
     first = reader.read_until(lambda records: bool(versions(records)), 60)
     assert versions(first) == {"cooccurrence-v1"} and time.monotonic() - start < 60
-    assert "waits for a checkpoint" in worker.log_tail(200) and worker.alive()
+    log = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.strip()]
+    assert all({"ts", "level", "logger", "message"} <= set(entry) for entry in log)  # every line is JSON
+    assert sum("waits for a checkpoint" in entry["message"] for entry in log) == 1 and worker.alive()
     shutil.copytree(ckpt, tmp_path / "staging-v1")
     (tmp_path / "staging-v1").rename(models / "v1")  # published by a rename, as the learner does
     version = checkpoint.load(str(models / "v1"))[1]["version"]
