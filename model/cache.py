@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from model.features import ItemIndex, encode, with_room
+from model.retrieval import ANNIndex
 from model.transformer import SeqRec
 
 
@@ -194,12 +195,19 @@ def masked_topk(scores: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] |
 class ItemScorer:
     """Caches the item matrix and patches only the rows of items added or updated since (the
     ItemIndex logs them), so a catalog upsert is recommendable at once, without retraining,
-    restart, or recomputing a million-item matrix."""
+    restart, or recomputing a million-item matrix. With an `ANNIndex` (model/retrieval.py)
+    it ranks in two stages: graph candidates, then the served score on those alone."""
 
-    def __init__(self, model: SeqRec, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: SeqRec, dtype: torch.dtype | None = None, ann: dict | None = None) -> None:
+        """`ann`: ANNIndex options plus `candidates` (C, graph results per user before the
+        filters); None = exact scoring of every item."""
         self.model, self.dtype = model, dtype
         self._version = -1
         self._matrix: torch.Tensor | None = None
+        self.ann = dict(ann) if ann is not None else None
+        self.candidates = self.ann.pop("candidates", 100) if self.ann is not None else 0
+        self.index: ANNIndex | None = None
+        self.exact_fallbacks = 0  # users the candidates could not fill K for (scored exactly)
 
     @property
     def items(self) -> ItemIndex:
@@ -213,10 +221,14 @@ class ItemScorer:
         changed = None if m is None else items.changed_since(self._version)
         if changed is None or len(changed) > len(items) // 4:
             m = self._vectors(None)
+            if self.ann is not None:
+                self.index = ANNIndex.build(m, **self.ann)
         else:
             m = with_room(m, len(items))[: len(items)]
             idx = torch.tensor(sorted(set(changed)), device=m.device)
             m[idx] = self._vectors(idx)
+            if self.index is not None:
+                self.index.add(idx.cpu().numpy(), m[idx])
         self._matrix, self._version = m, items.version
         return m
 
@@ -230,7 +242,51 @@ class ItemScorer:
         """Top-k by the model's served score (the hybrid when the checkpoint has a transition
         table; `recent` = each user's last item indices), never excluded or blocked items."""
         with torch.inference_mode():
-            return masked_topk(self.model.scores(user_vectors, recent, self.matrix()), k, exclude, blocked)
+            M = self.matrix()
+            if self.index is None:
+                return masked_topk(self.model.scores(user_vectors, recent, M), k, exclude, blocked)
+            scores, idx = self._two_stage(user_vectors, M, k, exclude, blocked, recent)
+            short = (~torch.isfinite(scores)).any(1).nonzero().flatten().tolist()
+            if short:  # exclusions or filters ate the candidates: those users are scored exactly
+                self.exact_fallbacks += len(short)
+                sub = [exclude[i] for i in short] if exclude else None
+                subr = [recent[i] for i in short] if recent is not None else None
+                s2, i2 = masked_topk(self.model.scores(user_vectors[short], subr, M), k, sub, blocked)
+                scores, idx = scores.clone(), idx.clone()
+                scores[short, : s2.shape[1]], idx[short, : i2.shape[1]] = s2, i2
+            return scores, idx
+
+    def _two_stage(self, u: torch.Tensor, M: torch.Tensor, k: int, exclude, blocked, recent):
+        """Candidates: the graph's C (plus room for each user's exclusions) and the
+        transition term's non-zero columns; each scored exactly as `SeqRec.scores` would."""
+        B, n, cfg = len(u), len(M), self.model.cfg
+        widest = max((len(e) for e in exclude), default=0) if exclude else 0
+        cand = self.index.search(u, max(self.candidates, k) + widest, blocked).to(M.device)
+        key = torch.zeros(0, dtype=torch.long)
+        if recent is not None and cfg.trans_weight > 0:
+            key, bonus = self.model.transition.bonus(recent, cfg.trans_window, cfg.trans_weight, cfg.trans_eps, n)
+            key, bonus = key.to(M.device), bonus.to(M.device)
+        if len(key):
+            rows, per_row = key // n, torch.bincount(key // n, minlength=B)
+            extra = torch.zeros(B, int(per_row.max()), dtype=torch.long, device=M.device)
+            extra[rows, torch.arange(len(key), device=M.device) - (torch.cumsum(per_row, 0) - per_row)[rows]] = key % n
+            cand = torch.cat([cand, extra], 1)
+        cand = cand.sort(1).values
+        cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = 0  # duplicates (stale copies, transition columns)
+        s = torch.bmm(M[cand], u.to(M.dtype)[:, :, None]).squeeze(2)
+        ck = torch.arange(B, device=M.device)[:, None] * n + cand
+        if len(key):
+            pos = torch.searchsorted(key, ck).clamp(max=len(key) - 1)
+            s += torch.where(key[pos] == ck, bonus[pos].to(s.dtype), torch.zeros((), dtype=s.dtype, device=s.device))
+        invalid = cand == 0
+        if blocked is not None and len(blocked):
+            invalid |= torch.isin(cand, blocked.to(M.device))
+        if exclude and any(exclude):
+            ex = torch.tensor([b * n + i for b, row in enumerate(exclude) for i in row], device=M.device)
+            invalid |= torch.isin(ck, ex)
+        s[invalid] = float("-inf")
+        top_s, top_i = torch.topk(s, min(k, n - 1, s.shape[1]), dim=1)
+        return top_s, cand.gather(1, top_i)
 
     def item_ids(self, indices: torch.Tensor) -> list[list[str]]:
         ids = self.items.ids

@@ -128,11 +128,23 @@ class Transition(nn.Module):
     def add_to(self, scores: torch.Tensor, recent: Sequence[Sequence[int]], window: int, weight: float,
                eps: float) -> torch.Tensor:
         """scores[b, i] += weight · log(1 + t_b(i) / eps) in place, touching only neighbour entries."""
+        n_cols = scores.shape[1]
+        key, bonus = self.bonus(recent, window, weight, eps, n_cols)
+        if len(key):
+            scores.index_put_(((key // n_cols).to(scores.device), (key % n_cols).to(scores.device)),
+                              bonus.to(scores.dtype).to(scores.device), accumulate=True)
+        return scores
+
+    def bonus(self, recent: Sequence[Sequence[int]], window: int, weight: float, eps: float,
+              n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The non-zero terms as sorted keys b · n_cols + i and their values; two-stage
+        retrieval adds the columns to its candidates, so the hybrid is exact there too."""
+        empty = torch.zeros(0, dtype=torch.long), torch.zeros(0)
         n_rows = self.n_rows  # hot path (every served batch): plain Python over <= window items a user
         picked = [(row, 1.0 / dist, item) for row, seq in enumerate(recent)
                   for dist, item in enumerate(reversed(seq[-window:]), start=1) if 0 < item < n_rows]
         if not picked or not self.entries:
-            return scores
+            return empty
         dev = self.indptr.device
         picked_t = torch.from_numpy(np.asarray(picked, dtype=np.float64)).to(dev)   # one copy: [P, 3]
         rows_p, it = picked_t[:, 0].long(), picked_t[:, 2].long()
@@ -141,20 +153,16 @@ class Transition(nn.Module):
         lens = self.indptr[it + 1] - start
         total = int(lens.sum())
         if not total:
-            return scores
+            return empty
         owner = torch.repeat_interleave(torch.arange(len(it), device=dev), lens)
         pos = start[owner] + torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
         t, rows, cols = self.counts[pos] * share_p[owner], rows_p[owner], self.cols[pos].long()
-        n_cols = scores.shape[1]
         if n_rows > n_cols:  # a score matrix narrower than the table: drop what it has no column for
             ok = cols < n_cols
             t, rows, cols = t[ok], rows[ok], cols[ok]
         key, inv = torch.unique(rows * n_cols + cols, return_inverse=True)
         summed = torch.zeros(len(key), device=dev).index_add_(0, inv, t)
-        bonus = (weight * torch.log1p(summed / eps)).to(scores.dtype).to(scores.device)
-        scores.index_put_(((key // n_cols).to(scores.device), (key % n_cols).to(scores.device)), bonus,
-                          accumulate=True)
-        return scores
+        return key, weight * torch.log1p(summed / eps)
 
     def scores(self, recent: Sequence[Sequence[int]], n_cols: int, window: int) -> torch.Tensor:
         """t_u alone, dense [B, n_cols] (for evaluating the term by itself)."""

@@ -146,6 +146,17 @@ class Settings(BaseSettings):
                                      "nothing from more and stall when cores are shared (LayerNorm 20 us -> 8 ms)."
     )
     dtype: str = Field("fp32", pattern="^(fp32|bf16)$", description="Inference dtype on CUDA (fp32 or bf16).")
+    retrieval: str = Field(
+        "auto", pattern="^(exact|ann|auto)$",
+        description="Top-K over the catalog: exact (score every item), ann (HNSW candidates, then exact "
+                    "scores on them), auto (ann from ann_min_items up).")
+    ann_min_items: int = Field(
+        200_000, ge=1, description="Catalog size from which retrieval=auto uses the HNSW index "
+                                   "(the measured crossover, docs/benchmarks.md#retrieval).")
+    ann_candidates: int = Field(100, ge=10, le=10_000,
+                                description="Graph candidates per user before filters (plus the user's exclusions).")
+    ann_ef_search: int = Field(128, ge=10, le=10_000, description="HNSW search breadth (>= ann_candidates is used).")
+    ann_degree: int = Field(32, ge=4, le=128, description="HNSW links per item: more = higher recall, more memory.")
 
     # --- Continual learning (`streamrec learn`, model/continual.py) -------------
     learn_group: str = Field("streamrec-learner", min_length=1,

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   streamrec bench replay --data beauty.pairs.gz --json replay.json
   streamrec bench freshness --json freshness.json --plot freshness.png
   streamrec bench faults --json faults.json
+  streamrec bench retrieval --items 24000 1000000 --json retrieval.json --plot retrieval.png
 """
 
 # name -> module exposing add_arguments(parser) and run(args)
@@ -29,6 +30,7 @@ BENCHES = {
     "broker": ("stream_app.bench.broker", "embedded broker: fetch latency as a partition's stored batches grow"),
     "replay": ("stream_app.bench.replay", "bulk replay of a dataset's histories: end-to-end rate vs the worker's"),
     "freshness": ("stream_app.bench.freshness", "drifting stream: continual learner vs frozen model, A/B on a live worker"),
+    "retrieval": ("stream_app.bench.retrieval", "HNSW two-stage vs exact top-10: recall, µs per query, build, memory"),
     "faults": ("stream_app.bench.faults", "fault matrix: poison batches, full disk, hostile catalog, bad checkpoints, ..."),
 }
 

@@ -1,6 +1,12 @@
 """Offered-load sweep against a live worker: sustained events/s, event-to-recommendation
 latency, CPU and RSS, for the streaming engine and for a naive baseline in the same run.
 
+Each engine first drains a backlog produced before it starts: that peak and its CPU µs per
+event by stage are the figures that carry between hosts (the load generator is off the
+cores while the worker runs). The sweep then offers fixed loads and fixed fractions of
+that peak, for p99 latency. `--retrieval exact ann` runs the engine once per retrieval
+mode side by side (docs/design.md, "Two-stage retrieval is exact on its candidates").
+
 The baseline is what a first version would do: one event per batch (so one table write
 per event), and a full recompute of the user's vector from history on every event (no
 KV cache). Both serve the same checkpoint, a random-weight model of the target shape
@@ -25,6 +31,7 @@ EXAMPLES = """examples:
   streamrec bench pipeline --json pipeline.json
   streamrec bench pipeline --levels 1000 2000 4000 8000 --seconds 15 --plot pipeline.png
   streamrec bench pipeline --workers 2 --levels 4000 8000 12000 --json pipeline_2w.json
+  streamrec bench pipeline --items 1000000 --retrieval exact ann --levels 250 1000 --baseline-levels 50
 """
 
 
@@ -39,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--history", type=int, default=200, help="events kept per user (history_max)")
+    parser.add_argument("--backlog", type=int, default=40_000,
+                        help="events produced before each engine starts, drained for its peak (0: skip)")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.5, 0.75],
+                        help="extra offered loads as fractions of the drained peak")
+    parser.add_argument("--retrieval", nargs="+", default=["auto"], choices=("exact", "ann", "auto"),
+                        help="one engine run per retrieval mode (the naive baseline: the first)")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of one consumer group on the broker (partitions: at least this many)")
     parser.add_argument("--json", type=Path, default=Path("pipeline.json"))
@@ -48,19 +61,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Fleet:
     """N workers of one consumer group, observed as one: summed counters, CPU and RSS."""
 
-    def __init__(self, settings, n: int, name: str, workdir: Path) -> None:
+    def __init__(self, settings, n: int, name: str, workdir: Path, settle: bool = True) -> None:
+        """`settle=False` returns as soon as the processes run (a drain is timed from their
+        first processed event, which may come before the group settles); call `settle()`."""
         import psutil
 
         from stream_app.transport.broker import free_port
         from stream_app.testing.harness import WorkerProcess
 
+        self.settings = settings
         self.workers = [WorkerProcess(settings if i == 0 else settings.model_copy(update={
             "state_dir": workdir / f"{name}-state-{i}", "web_port": free_port()}), workdir / f"{name}-{i}.log").start()
             for i in range(n)]
-        for worker in self.workers:
-            worker.wait_ready(120)
-        self._wait_for_assignment(settings.partitions, timeout=120)
         self.procs = [psutil.Process(w.proc.pid) for w in self.workers]
+        if settle:
+            self.settle()
+
+    def settle(self) -> None:
+        for worker in self.workers:
+            worker.wait_ready(600)  # a million-item index is built before the worker is ready
+        self._wait_for_assignment(self.settings.partitions, timeout=120)
+
+    def metrics_if_up(self) -> dict[str, float] | None:
+        """Summed counters, or None while a worker does not answer yet (or has died)."""
+        if any(w.proc.poll() is not None for w in self.workers):
+            raise RuntimeError("a worker exited; see its log in the bench workdir")
+        try:
+            return self.metrics()
+        except OSError:
+            return None
 
     def _wait_for_assignment(self, partitions: int, timeout: float) -> None:
         """Until every worker owns partitions and all of them are owned (a settled group)."""
@@ -94,19 +123,26 @@ class Fleet:
 
 
 def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
-          console: Console, workers: int = 1) -> list[dict]:
-    """Start the worker(s), then offer each load in turn; returns a row per level."""
+          console: Console, workers: int = 1, backlog: int = 0, fractions: tuple[float, ...] = ()) -> list[dict]:
+    """Produce the backlog, start the worker(s) and time its drain, then offer each load
+    (fixed, then fractions of the drained peak) in turn; returns a row per level."""
     from stream_app.testing.harness import RecommendationWatcher, metric_sum, percentile
     from stream_app.clients.produce import EventProducer
     from stream_app.testing.traffic import synthetic_messages
 
-    fleet = Fleet(settings, workers, name, workdir)
-    latency = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, max_samples=None)
-    latency.start()
     producer = EventProducer(settings.bootstrap_servers, settings.events_topic)
     messages = synthetic_messages(users, items, seed=1)
     messages = itertools.chain([next(messages)], messages)  # world setup (~15 s at 1M items) is not load time
-    rows = []
+    if backlog:
+        producer.paced(list(_take(messages, backlog)), None)
+        producer.sent = 0
+    fleet = Fleet(settings, workers, name, workdir, settle=not backlog)
+    rows = [drained(name, fleet, backlog, workers, console)] if backlog else []
+    fleet.settle()
+    if rows and fractions:
+        levels = sorted(set(levels) | {round(f * rows[0]["processed_per_s"], -1) for f in fractions})
+    latency = RecommendationWatcher(settings.bootstrap_servers, settings.recommendations_topic, max_samples=None)
+    latency.start()
     try:
         for rate in levels:
             level = list(_take(messages, int(rate * seconds)))  # before the clock: generating costs CPU
@@ -179,12 +215,13 @@ def stage_profile(before: dict[str, float], after: dict[str, float], cpu_s: floa
     return {k: round(v, 1) for k, v in profile.items()}
 
 
-def stage_table(rows: list[dict], rate: float) -> Table | None:
-    """The stage profile of each engine at the offered `rate`."""
+def stage_table(rows: list[dict], rate: float | str) -> Table | None:
+    """The stage profile of each engine at the offered `rate` ("backlog": while draining)."""
     at = [r for r in rows if r["offered"] == rate and r.get("cpu_us_per_event")]
     if not at:
         return None
-    table = Table(title=f"CPU µs per event by stage, at {rate:.0f} events/s offered")
+    when = "while draining the backlog" if rate == "backlog" else f"at {rate:.0f} events/s offered"
+    table = Table(title=f"CPU µs per event by stage, {when}")
     table.add_column("stage")
     for r in at:
         table.add_column(r["engine"], justify="right")
@@ -192,6 +229,39 @@ def stage_table(rows: list[dict], rate: float) -> Table | None:
     for stage, covers in STAGE_NAMES.items():
         table.add_row(stage, *(str(r["cpu_us_per_event"].get(stage, "")) for r in at), covers)
     return table
+
+
+def drained(name: str, fleet: Fleet, backlog: int, workers: int, console: Console,
+            timeout: float = 900) -> dict:
+    """The peak: events/s while the fleet works through a backlog produced before it started,
+    timed from the first processed event it sees to the last, with the CPU by stage."""
+    from stream_app.testing.harness import metric_sum
+    deadline = time.monotonic() + timeout
+    start = None
+    done = 0.0
+    while time.monotonic() < deadline:
+        scrape = fleet.metrics_if_up()  # None until every worker answers: a sum must miss none
+        if scrape is None:
+            time.sleep(0.05)
+            continue
+        done = metric_sum(scrape, "streamrec_events_total")
+        if start is None and done > 0:
+            start = (time.monotonic(), done, stage_seconds(scrape), fleet.cpu_seconds())
+        if done >= backlog:
+            break
+        time.sleep(0.1)
+    end, cpu = time.monotonic(), fleet.cpu_seconds()
+    if start is None:
+        raise RuntimeError(f"{name}: no event of the backlog was processed in {timeout:.0f} s")
+    n = done - start[1]
+    row = {"engine": name, "workers": workers, "offered": "backlog", "sent_per_s": None,
+           "processed_per_s": round(n / max(end - start[0], 1e-9), 1), "kept_up": done >= backlog,
+           "p50_ms": None, "p99_ms": None, "cpu_pct": round(100 * (cpu - start[3]) / max(end - start[0], 1e-9), 1),
+           "rss_mb": round(fleet.rss_mb(), 1), "cpu_us_per_event": stage_profile(start[2], stage_seconds(scrape),
+                                                                                 cpu - start[3], n)}
+    console.print(f"{name:>8} drained {n:,.0f} backlog events at {row['processed_per_s']:,.0f}/s  "
+                  f"cpu {row['cpu_pct']}%  {row['cpu_us_per_event'].get('total')} µs/event")
+    return row
 
 
 def _take(it, n: int):
@@ -208,7 +278,8 @@ def _drain(fleet: Fleet, target: float, timeout: float) -> None:
 
 
 def summarize(rows: list[dict], engine: str) -> tuple[float, float | None]:
-    mine = [r for r in rows if r["engine"] == engine]
+    """Best sustained rate of the offered-load sweep (the drained peak is reported apart)."""
+    mine = [r for r in rows if r["engine"] == engine and r["offered"] != "backlog"]
     best = max((r["processed_per_s"] for r in mine), default=0.0)
     at_2000 = next((r["p99_ms"] for r in mine if r["offered"] == 2000), None)
     return best, at_2000
@@ -220,11 +291,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine, style in (("engine", "o-"), ("naive", "s--")):
-        mine = [r for r in rows if r["engine"] == engine]
+    swept = [r for r in rows if r["offered"] != "backlog"]
+    for engine in dict.fromkeys(r["engine"] for r in swept):
+        style = "s--" if engine == "naive" else "o-"
+        mine = sorted((r for r in swept if r["engine"] == engine), key=lambda r: r["offered"])
         a.plot([r["offered"] for r in mine], [r["processed_per_s"] for r in mine], style, label=engine)
         b.plot([r["offered"] for r in mine], [r["p99_ms"] for r in mine], style, label=engine)
-    top = max(r["offered"] for r in rows)
+    top = max(r["offered"] for r in swept)
     a.plot([0, top], [0, top], ":", color="grey", label="offered")
     a.set(xlabel="offered events/s", ylabel="processed events/s", title="throughput")
     b.set(xlabel="offered events/s", ylabel="p99 latency (ms)", title="event → recommendation p99", yscale="log")
@@ -233,6 +306,23 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def engines(args: argparse.Namespace) -> list[tuple[str, list[float], dict]]:
+    """(name, offered levels, settings overrides): one engine per retrieval mode, then the baseline."""
+    out = [("engine" if len(args.retrieval) == 1 else f"engine-{mode}", args.levels, {"retrieval": mode})
+           for mode in args.retrieval]
+    return out + [("naive", args.baseline_levels,
+                   {"batch_max": 1, "incremental": False, "retrieval": args.retrieval[0]})]
+
+
+def summary(rows: list[dict], engine: str) -> dict:
+    best, p99_2000 = summarize(rows, engine)
+    drain = next((r for r in rows if r["engine"] == engine and r["offered"] == "backlog"), None)
+    swept = {str(r["offered"]): r["p99_ms"] for r in rows if r["engine"] == engine and r["offered"] != "backlog"}
+    return {"max_events_per_s": best, "drained_peak_per_s": drain and drain["processed_per_s"],
+            "cpu_us_per_event_drained": drain and drain["cpu_us_per_event"], "p99_ms_at_2000": p99_2000,
+            "p99_ms_by_offered": swept}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,20 +335,23 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"checkpoint {version}: {args.items} items, dim {args.dim}, {args.layers} layers, "
                   f"window {args.window}; history {args.history}; logs in {workdir}")
     rows: list[dict] = []
+    plan = engines(args)
     with EmbeddedBroker() as broker:
-        for name, levels, extra in (("engine", args.levels, {}),
-                                    ("naive", args.baseline_levels, {"batch_max": 1, "incremental": False})):
-            workers = args.workers if name == "engine" else 1
+        for name, levels, extra in plan:
+            workers = args.workers if name != "naive" else 1
             settings = isolated_settings(broker.bootstrap, f"bench-{name}", workdir, model_dir=workdir / "model",
                                          history_max=args.history, **extra,
                                          **({"partitions": max(4, workers)} if workers > 1 else {}))
-            rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console, workers)
-    best, p99_2000 = summarize(rows, "engine")
-    base, _ = summarize(rows, "naive")
-    result = {"workers": args.workers, "max_events_per_s": best, "p99_ms_at_2000": p99_2000, "baseline_max_events_per_s": base,
-              "speedup_vs_baseline": round(best / base, 2) if base else None,
+            rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console, workers,
+                          args.backlog if name != "naive" else 0, tuple(args.fractions) if name != "naive" else ())
+    by_engine = {name: summary(rows, name) for name, _, _ in plan}
+    main = by_engine[plan[0][0]]
+    base = by_engine["naive"]["max_events_per_s"]
+    result = {"workers": args.workers, **main, "baseline_max_events_per_s": base,
+              "speedup_vs_baseline": round(main["max_events_per_s"] / base, 2) if base else None,
               "stage_profile_at_2000": next((r["cpu_us_per_event"] for r in rows
-                                             if r["engine"] == "engine" and r["offered"] == 2000), None),
+                                             if r["engine"] == plan[0][0] and r["offered"] == 2000), None),
+              "engines": by_engine,
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "_bench_run")},
               "levels": rows}
     table = Table(title="pipeline benchmark (per worker)")
@@ -268,11 +361,14 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(*(str(r[c]) for c in ("engine", "offered", "processed_per_s", "p50_ms", "p99_ms",
                                               "cpu_pct", "rss_mb")))
     console.print(table)
-    stages = stage_table(rows, 2000)
-    if stages is not None:
-        console.print(stages)
-    console.print(f"max_events_per_s {best:.0f} · p99_ms_at_2000 {p99_2000} · baseline {base:.0f} "
-                  f"· speedup {result['speedup_vs_baseline']}x")
+    for rate in ("backlog", 2000):
+        stages = stage_table(rows, rate)
+        if stages is not None:
+            console.print(stages)
+    for name, fig in by_engine.items():
+        console.print(f"{name}: drained peak {fig['drained_peak_per_s']} · best swept {fig['max_events_per_s']:.0f} "
+                      f"· p99_ms_at_2000 {fig['p99_ms_at_2000']}")
+    console.print(f"speedup vs naive {result['speedup_vs_baseline']}x")
     args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(rows, args.plot)
     console.print(f"wrote {args.json} and {args.plot}")

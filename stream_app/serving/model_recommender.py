@@ -63,6 +63,16 @@ class SlotLRU:
         return len(self.users)
 
 
+def ann_options(settings: Settings, n_items: int) -> dict | None:
+    """ItemScorer's graph options, or None where exact scoring is chosen (docs/design.md,
+    "Two-stage retrieval is exact on its candidates")."""
+    from model.retrieval import use_ann
+    if not use_ann(settings.retrieval, n_items, settings.ann_min_items):
+        return None
+    return {"candidates": settings.ann_candidates, "ef_search": settings.ann_ef_search,
+            "degree": settings.ann_degree, "threads": settings.torch_threads}
+
+
 @contextmanager
 def timed(path: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -89,8 +99,8 @@ class ModelRecommender:
         per_slot = KVCachePool.slot_bytes(cfg, dtype) + cfg.dim * elem  # + the latest user vector
         self.n_slots = max(1, int(settings.cache_mb * 2**20) // per_slot)
         self.pool = KVCachePool(self.model, self.n_slots, device, dtype)
-        self.scorer = ItemScorer(self.model)
-        self.scorer.matrix()  # before serving: the first batch must not pay for a 1M-item catalog
+        self.scorer = ItemScorer(self.model, ann=ann_options(settings, len(self.model.items)))
+        self.scorer.matrix()  # before serving (and off the event loop on a swap): matrix and index
         self.vectors = torch.zeros(self.n_slots, cfg.dim, device=device, dtype=dtype)  # latest per slot
         self.slots = SlotLRU(self.n_slots)
         self.version: str = self.meta["version"]

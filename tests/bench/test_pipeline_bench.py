@@ -23,15 +23,23 @@ def test_stage_profile_charges_untimed_cpu_to_the_framework():
 
 
 @pytest.mark.integration
-def test_two_workers_share_the_load_and_report_stages(tmp_path):
-    args = argparse.Namespace(levels=[400], baseline_levels=[100], seconds=4.0, items=2_000, users=200, dim=16,
-                              layers=1, window=10, history=50, workers=2, json=tmp_path / "p.json",
-                              plot=tmp_path / "p.png")
+def test_two_workers_drain_a_backlog_and_sweep_exact_and_ann_side_by_side(tmp_path):
+    args = argparse.Namespace(levels=[400], baseline_levels=[100], seconds=3.0, items=2_000, users=200, dim=16,
+                              layers=1, window=10, history=50, workers=2, backlog=1500, fractions=[0.05],
+                              retrieval=["exact", "ann"], json=tmp_path / "p.json", plot=tmp_path / "p.png")
     assert pipeline.run(args) == 0
     result = json.loads(args.json.read_text())
-    engine = [r for r in result["levels"] if r["engine"] == "engine"]
-    assert result["workers"] == 2 and engine[0]["workers"] == 2
-    assert engine[0]["kept_up"] and engine[0]["processed_per_s"] > 300
-    stages = engine[0]["cpu_us_per_event"]
-    assert set(stages) == set(pipeline.STAGE_NAMES) and stages["rank"] > 0 and stages["total"] > stages["rank"]
+    assert set(result["engines"]) == {"engine-exact", "engine-ann", "naive"}
+    for name in ("engine-exact", "engine-ann"):
+        mine = [r for r in result["levels"] if r["engine"] == name]
+        drain, swept = mine[0], mine[1:]
+        assert drain["offered"] == "backlog" and drain["kept_up"] and drain["processed_per_s"] > 0
+        assert set(drain["cpu_us_per_event"]) == set(pipeline.STAGE_NAMES)
+        assert [r["offered"] for r in swept] == sorted({400, round(0.05 * drain["processed_per_s"], -1)})
+        assert all(r["workers"] == 2 for r in mine)
+        at_400 = next(r for r in swept if r["offered"] == 400)
+        assert at_400["kept_up"] and at_400["processed_per_s"] > 300
+        stages = at_400["cpu_us_per_event"]
+        assert stages["rank"] > 0 and stages["total"] > 0  # stages are loop wall time: under load, > CPU
+        assert result["engines"][name]["drained_peak_per_s"] == drain["processed_per_s"]
     assert args.plot.stat().st_size > 0
