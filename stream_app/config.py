@@ -151,7 +151,7 @@ class Settings(BaseSettings):
         description="Top-K over the catalog: exact (score every item), ann (HNSW candidates, then exact "
                     "scores on them), auto (ann from ann_min_items up).")
     ann_min_items: int = Field(
-        200_000, ge=1, description="Catalog size from which retrieval=auto uses the HNSW index "
+        50_000, ge=1, description="Catalog size from which retrieval=auto uses the HNSW index "
                                    "(the measured crossover, docs/benchmarks.md#retrieval).")
     ann_candidates: int = Field(100, ge=10, le=10_000,
                                 description="Graph candidates per user before filters (plus the user's exclusions).")

@@ -183,12 +183,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, label, marker in (("exact_us_per_query", "exact", "o"), ("ann_us_per_query", "two-stage (HNSW)", "s")):
-        for matrix in sorted({r["matrix"].split(":")[0] + (":resampled" if "resampled" in r["matrix"] else "")
-                              for r in rows}):
-            pts = sorted((r["items"], r[key]) for r in rows
-                         if r["matrix"].split(":")[0] + (":resampled" if "resampled" in r["matrix"] else "") == matrix)
-            ax.plot(*zip(*pts), marker=marker, label=f"{label} · {matrix}")
+    for key, label, marker in (("exact_us_per_query", "exact", "o"), ("ann_us_per_query", "two-stage", "s")):
+        for matrix in dict.fromkeys(r["matrix"] for r in rows):
+            pts = sorted((r["items"], r[key]) for r in rows if r["matrix"] == matrix)
+            ax.plot(*zip(*pts), marker=marker, linestyle="-" if label == "exact" else "--", label=f"{label} · {matrix}")
     ax.set(xscale="log", yscale="log", xlabel="catalog items", ylabel="µs per query (batch, 1 thread)",
            title="top-10 retrieval cost by catalog size")
     ax.grid(alpha=0.3)
