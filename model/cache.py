@@ -14,6 +14,7 @@ import itertools
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from model.features import ItemIndex, encode, with_room
 from model.retrieval import ANNIndex
@@ -85,33 +86,41 @@ class KVCachePool:
 
     @torch.inference_mode()
     def step(self, slots: torch.Tensor, new_events: Sequence[Any]) -> torch.Tensor:
-        """Append one event to each (distinct) slot and return the new user vectors [B, D]."""
+        """Append one event to each (distinct) slot and return the new user vectors [B, D].
+
+        The one-new-event path, the common case of a live stream, written out per layer
+        rather than through `Block.forward` and a cache hook: one query per user needs no
+        causal mask among new tokens, so the attention is a single fused
+        `scaled_dot_product_attention` over the ring with the distance bias as an additive
+        mask, and q, k, v come from one unbind. It computes the same function as `append`
+        with one event (docs/design.md, "Exact incremental inference").
+        """
         slots = slots.to(self.device)
         if len(set(slots.tolist())) != len(slots):
             raise ValueError("step(): one new event per slot per call (coalesce or split the batch)")
-        W = self.W
+        W, H = self.W, self.cfg.n_heads
         prev = [self.last_ts[s] for s in slots.tolist()]
         b = encode([[e] for e in new_events], self.model.items, 1, prev_ts=prev).to(self.device)
         length = self.length[slots]
         pos = length % W                                        # ring position of the new event
         dist = (pos[:, None] - self._ring[None]) % W            # [B, W]
-        mask = (dist <= length[:, None])[:, None, :]            # [B, 1, W]: entries that exist
-        dist = dist[:, None, :]
-        x = self.model.embed(b)
+        exists = dist <= length[:, None]                        # entries written since the rebuild
+        x = self.model.embed(b)                                 # [B, 1, D]
+        B, _, D = x.shape
         for layer, blk in enumerate(self.model.blocks):
-            kc, vc = self.k[layer], self.v[layer]
-
-            def hook(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc):
-                kc[slots, :, pos] = k[:, :, 0]
-                vc[slots, :, pos] = v[:, :, 0]
-                return kc[slots], vc[slots]
-
-            x, _, _ = blk(x, mask, dist, hook)
+            attn, kc, vc = blk.attn, self.k[layer], self.v[layer]
+            q, k, v = attn.qkv(blk.ln1(x)).view(B, 3, H, D // H).unbind(1)      # [B, H, hd] each
+            kc[slots, :, pos], vc[slots, :, pos] = k.to(kc.dtype), v.to(vc.dtype)
+            bias = attn.rel_bias[:, dist].transpose(0, 1).to(kc.dtype)          # [B, H, W]
+            bias = bias.masked_fill(~exists[:, None, :], float("-inf"))
+            y = F.scaled_dot_product_attention(q[:, :, None].to(kc.dtype), kc.index_select(0, slots),
+                                               vc.index_select(0, slots), attn_mask=bias[:, :, None])  # [B,H,1,hd]
+            x = x + attn.proj(y.reshape(B, 1, D).to(x.dtype))
+            x = x + blk.mlp(blk.ln2(x))
         self.length[slots] = length + 1
         for s, e in zip(slots.tolist(), new_events):
             self.last_ts[s] = _ts(e)
         return self.model.ln_f(x)[:, 0]
-
 
     @torch.inference_mode()
     def append(self, slots: torch.Tensor, new_events: Sequence[Sequence[Any]]) -> torch.Tensor:

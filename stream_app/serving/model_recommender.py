@@ -192,10 +192,14 @@ class ModelRecommender:
             self.vectors[slots] = self.pool.rebuild(slots, [r.state.raw_events(depth) for r in refreshes])
 
     def _steps(self, refreshes: list[Refresh], slots: torch.Tensor) -> None:
-        """All cache hits with new events advance in one multi-token append."""
-        moving = [i for i, r in enumerate(refreshes) if r.new_events]
-        if not moving:
-            return
+        """Cache hits advance together: those with one new event by the specialised `step`,
+        the rest in one multi-token `append` (both exact, docs/design.md "Exact incremental
+        inference")."""
+        one = [i for i, r in enumerate(refreshes) if len(r.new_events) == 1]
+        more = [i for i, r in enumerate(refreshes) if len(r.new_events) > 1]
         with timed("step"):
-            self.vectors[slots[moving]] = self.pool.append(
-                slots[moving], [refreshes[i].state.raw_events(len(refreshes[i].new_events)) for i in moving])
+            if one:
+                self.vectors[slots[one]] = self.pool.step(slots[one], [refreshes[i].state.raw_events(1)[0] for i in one])
+            if more:
+                self.vectors[slots[more]] = self.pool.append(
+                    slots[more], [refreshes[i].state.raw_events(len(refreshes[i].new_events)) for i in more])
