@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra offered loads as fractions of the drained peak")
     parser.add_argument("--retrieval", nargs="+", default=["auto"], choices=("exact", "ann", "auto"),
                         help="one engine run per retrieval mode (the naive baseline: the first)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout (git worktree add DIR main): its worker runs as engine "
+                             "`against` with the same load, an A/B of two revisions in one run")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of one consumer group on the broker (partitions: at least this many)")
     parser.add_argument("--json", type=Path, default=Path("pipeline.json"))
@@ -61,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Fleet:
     """N workers of one consumer group, observed as one: summed counters, CPU and RSS."""
 
-    def __init__(self, settings, n: int, name: str, workdir: Path, settle: bool = True) -> None:
+    def __init__(self, settings, n: int, name: str, workdir: Path, settle: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         """`settle=False` returns as soon as the processes run (a drain is timed from their
         first processed event, which may come before the group settles); call `settle()`."""
         import psutil
@@ -71,8 +75,8 @@ class Fleet:
 
         self.settings = settings
         self.workers = [WorkerProcess(settings if i == 0 else settings.model_copy(update={
-            "state_dir": workdir / f"{name}-state-{i}", "web_port": free_port()}), workdir / f"{name}-{i}.log").start()
-            for i in range(n)]
+            "state_dir": workdir / f"{name}-state-{i}", "web_port": free_port()}), workdir / f"{name}-{i}.log",
+            extra_env=env).start() for i in range(n)]
         self.procs = [psutil.Process(w.proc.pid) for w in self.workers]
         if settle:
             self.settle()
@@ -123,7 +127,8 @@ class Fleet:
 
 
 def sweep(name: str, settings, levels: list[float], seconds: float, users: int, items: int, workdir: Path,
-          console: Console, workers: int = 1, backlog: int = 0, fractions: tuple[float, ...] = ()) -> list[dict]:
+          console: Console, workers: int = 1, backlog: int = 0, fractions: tuple[float, ...] = (),
+          env: dict[str, str] | None = None) -> list[dict]:
     """Produce the backlog, start the worker(s) and time its drain, then offer each load
     (fixed, then fractions of the drained peak) in turn; returns a row per level."""
     from stream_app.testing.harness import RecommendationWatcher, metric_sum, percentile
@@ -136,7 +141,7 @@ def sweep(name: str, settings, levels: list[float], seconds: float, users: int, 
     if backlog:
         producer.paced(list(_take(messages, backlog)), None)
         producer.sent = 0
-    fleet = Fleet(settings, workers, name, workdir, settle=not backlog)
+    fleet = Fleet(settings, workers, name, workdir, settle=not backlog, env=env)
     rows = [drained(name, fleet, backlog, workers, console)] if backlog else []
     fleet.settle()
     if rows and fractions:
@@ -308,12 +313,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def engines(args: argparse.Namespace) -> list[tuple[str, list[float], dict]]:
-    """(name, offered levels, settings overrides): one engine per retrieval mode, then the baseline."""
-    out = [("engine" if len(args.retrieval) == 1 else f"engine-{mode}", args.levels, {"retrieval": mode})
+def engines(args: argparse.Namespace) -> list[tuple[str, list[float], dict, dict | None]]:
+    """(name, offered levels, settings overrides, worker env): one engine per retrieval mode,
+    the other revision's worker (`--against`), then the naive baseline."""
+    out = [("engine" if len(args.retrieval) == 1 else f"engine-{mode}", args.levels, {"retrieval": mode}, None)
            for mode in args.retrieval]
+    if getattr(args, "against", None):
+        out.append(("against", args.levels, {"retrieval": args.retrieval[0]},
+                    {"PYTHONPATH": str(Path(args.against).resolve())}))
     return out + [("naive", args.baseline_levels,
-                   {"batch_max": 1, "incremental": False, "retrieval": args.retrieval[0]})]
+                   {"batch_max": 1, "incremental": False, "retrieval": args.retrieval[0]}, None)]
 
 
 def summary(rows: list[dict], engine: str) -> dict:
@@ -337,14 +346,15 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     plan = engines(args)
     with EmbeddedBroker() as broker:
-        for name, levels, extra in plan:
+        for name, levels, extra, env in plan:
             workers = args.workers if name != "naive" else 1
             settings = isolated_settings(broker.bootstrap, f"bench-{name}", workdir, model_dir=workdir / "model",
                                          history_max=args.history, **extra,
                                          **({"partitions": max(4, workers)} if workers > 1 else {}))
             rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console, workers,
-                          args.backlog if name != "naive" else 0, tuple(args.fractions) if name != "naive" else ())
-    by_engine = {name: summary(rows, name) for name, _, _ in plan}
+                          args.backlog if name != "naive" else 0, tuple(args.fractions) if name != "naive" else (),
+                          env)
+    by_engine = {name: summary(rows, name) for name, _, _, _ in plan}
     main = by_engine[plan[0][0]]
     base = by_engine["naive"]["max_events_per_s"]
     result = {"workers": args.workers, **main, "baseline_max_events_per_s": base,
@@ -369,6 +379,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{name}: drained peak {fig['drained_peak_per_s']} · best swept {fig['max_events_per_s']:.0f} "
                       f"· p99_ms_at_2000 {fig['p99_ms_at_2000']}")
     console.print(f"speedup vs naive {result['speedup_vs_baseline']}x")
+    if "against" in by_engine:
+        theirs = by_engine["against"]
+        result["vs_against"] = {k: round(main[k] / theirs[k], 2) if main[k] and theirs[k] else None
+                                for k in ("drained_peak_per_s", "max_events_per_s")}
+        console.print(f"against {args.against}: drained peak {result['vs_against']['drained_peak_per_s']}x, "
+                      f"best swept {result['vs_against']['max_events_per_s']}x")
     args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(rows, args.plot)
     console.print(f"wrote {args.json} and {args.plot}")

@@ -43,3 +43,13 @@ def test_two_workers_drain_a_backlog_and_sweep_exact_and_ann_side_by_side(tmp_pa
         assert stages["rank"] > 0 and stages["total"] > 0  # stages are loop wall time: under load, > CPU
         assert result["engines"][name]["drained_peak_per_s"] == drain["processed_per_s"]
     assert args.plot.stat().st_size > 0
+
+
+def test_engines_per_retrieval_mode_and_against_another_checkout(tmp_path):
+    args = argparse.Namespace(levels=[1000], baseline_levels=[100], retrieval=["exact", "ann"], against=tmp_path)
+    plan = pipeline.engines(args)
+    assert [name for name, *_ in plan] == ["engine-exact", "engine-ann", "against", "naive"]
+    assert plan[2][3] == {"PYTHONPATH": str(tmp_path.resolve())} and plan[0][3] is None
+    assert plan[-1][2] == {"batch_max": 1, "incremental": False, "retrieval": "exact"}
+    args.retrieval, args.against = ["auto"], None
+    assert [name for name, *_ in pipeline.engines(args)] == ["engine", "naive"]
