@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,21 +202,27 @@ def masked_topk(scores: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] |
     return torch.topk(scores, k, dim=1)
 
 
+MAX_REFRESHES = 20  # checkpoint swaps that keep the old links before the graph is built anew
+
+
 class ItemScorer:
     """Caches the item matrix and patches only the rows of items added or updated since (the
     ItemIndex logs them), so a catalog upsert is recommendable at once, without retraining,
     restart, or recomputing a million-item matrix. With an `ANNIndex` (model/retrieval.py)
     it ranks in two stages: graph candidates, then the served score on those alone."""
 
-    def __init__(self, model: SeqRec, dtype: torch.dtype | None = None, ann: dict | None = None) -> None:
+    def __init__(self, model: SeqRec, dtype: torch.dtype | None = None, ann: dict | None = None,
+                 previous: tuple[ANNIndex, list[str]] | None = None) -> None:
         """`ann`: ANNIndex options plus `candidates` (C, graph results per user before the
-        filters); None = exact scoring of every item."""
+        filters); None = exact scoring of every item. `previous`: the served model's graph
+        and its item ids, whose links a new checkpoint keeps (`ANNIndex.refreshed`)."""
         self.model, self.dtype = model, dtype
         self._version = -1
         self._matrix: torch.Tensor | None = None
         self.ann = dict(ann) if ann is not None else None
         self.candidates = self.ann.pop("candidates", 100) if self.ann is not None else 0
         self.index: ANNIndex | None = None
+        self.previous = previous
         self.exact_fallbacks = 0  # users the candidates could not fill K for (scored exactly)
 
     @property
@@ -231,7 +238,7 @@ class ItemScorer:
         if changed is None or len(changed) > len(items) // 4:
             m = self._vectors(None)
             if self.ann is not None:
-                self.index = ANNIndex.build(m, **self.ann)
+                self.index = self._graph(m)
         else:
             m = with_room(m, len(items))[: len(items)]
             idx = torch.tensor(sorted(set(changed)), device=m.device)
@@ -240,6 +247,17 @@ class ItemScorer:
                 self.index.add(idx.cpu().numpy(), m[idx])
         self._matrix, self._version = m, items.version
         return m
+
+    def _graph(self, m: torch.Tensor) -> ANNIndex:
+        """The previous model's links with this matrix where it is compatible, else a build."""
+        prev, self.previous = self.previous, None
+        if prev is not None:
+            index, old_ids = prev
+            if (index.graph.d == m.shape[1] and index.refreshes < MAX_REFRESHES
+                    and index.threads == self.ann.get("threads", 1)):
+                rows = self.items.index
+                return index.refreshed(m, np.array([rows.get(i, 0) for i in old_ids], dtype=np.int64))
+        return ANNIndex.build(m, **self.ann)
 
     def _vectors(self, idx: torch.Tensor | None) -> torch.Tensor:
         v = self.model.item_matrix(idx)

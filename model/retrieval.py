@@ -49,6 +49,7 @@ class ANNIndex:
         self.graph = graph
         self.rows = 0  # highest row indexed + 1
         self.copies = 0  # stale copies left by updates (rows added again)
+        self.refreshes = 0  # times the links were kept for a new model's vectors (`refreshed`)
 
     @classmethod
     def build(cls, matrix: torch.Tensor, **kw) -> "ANNIndex":
@@ -67,6 +68,31 @@ class ANNIndex:
         self.rows = max(self.rows, int(rows.max()) + 1)
         with self._threads(self.build_threads if len(rows) > 10_000 else self.threads):
             self.index.add_with_ids(np.ascontiguousarray(vec), rows)
+
+    def refreshed(self, matrix: torch.Tensor, rows_of: np.ndarray) -> "ANNIndex":
+        """A copy with this graph's links and `matrix`'s vectors: a new checkpoint of the same
+        lineage (the learner's fine-tune, its vocabulary grown) moves vectors a little, so the
+        old links still lead to the right neighbourhood, and the copy costs one pass over
+        the vectors instead of a build. `rows_of[old_row]` is the new row (0: gone); rows the
+        old graph lacks are added. Recall is kept by re-scoring; `refreshes` counts how far
+        the links are from a build, so the caller can rebuild from time to time."""
+        faiss = self._faiss
+        new = ANNIndex.__new__(ANNIndex)
+        new.__dict__.update(self.__dict__)
+        new.index = faiss.clone_index(self.index)  # an IndexIDMap that owns its copy (a downcast proxy would not)
+        new.graph = faiss.downcast_index(new.index.index)
+        ids = faiss.vector_to_array(new.index.id_map)
+        mapped = np.where(ids < len(rows_of), rows_of[np.minimum(ids, len(rows_of) - 1)], 0).astype(np.int64)
+        faiss.copy_array_to_vector(mapped, new.index.id_map)
+        vectors = np.ascontiguousarray(matrix.detach().float().cpu().numpy()[mapped])
+        faiss.copy_array_to_vector(vectors.view(np.uint8).ravel(), faiss.downcast_index(new.graph.storage).codes)
+        covered = np.zeros(len(matrix), bool)
+        covered[mapped] = True
+        covered[0] = True
+        missing = np.flatnonzero(~covered)
+        new.rows, new.refreshes = int(mapped.max(initial=0)) + 1, self.refreshes + 1
+        new.add(missing, matrix[torch.from_numpy(missing)])
+        return new
 
     def search(self, queries: torch.Tensor, c: int, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """[B, c] candidate rows (0 = none), never a `blocked` row: those are filtered inside

@@ -162,7 +162,9 @@ class Lifecycle:
 
     def _load(self, variant: str, ckpt: Path):
         from stream_app.serving.model_recommender import ModelRecommender
-        return ModelRecommender(ckpt, self.settings, self._variant_name(variant), self.fallback)
+        served = self.arms.get(variant)  # a waiting arm's fallback has no graph to pass on
+        return ModelRecommender(ckpt, self.settings, self._variant_name(variant), self.fallback,
+                                previous=served if isinstance(served, ModelRecommender) else None)
 
     def _install(self, variant: str, rec, ckpt: Path) -> None:
         old = self.arms.get(variant)

@@ -84,7 +84,9 @@ class ModelRecommender:
     """Serves one checkpoint; co-occurrence answers for users the model cannot represent."""
 
     def __init__(self, model_dir: Path, settings: Settings, variant: str = "default",
-                 fallback: CoOccurrenceRecommender | None = None) -> None:
+                 fallback: CoOccurrenceRecommender | None = None, previous: "ModelRecommender | None" = None) -> None:
+        """`previous`: the recommender this one replaces; its HNSW links are kept where the
+        new checkpoint allows (docs/design.md, "Two-stage retrieval is exact on its candidates")."""
         from model import checkpoint
         from model.cache import ItemScorer, KVCachePool, pick_device
 
@@ -99,7 +101,9 @@ class ModelRecommender:
         per_slot = KVCachePool.slot_bytes(cfg, dtype) + cfg.dim * elem  # + the latest user vector
         self.n_slots = max(1, int(settings.cache_mb * 2**20) // per_slot)
         self.pool = KVCachePool(self.model, self.n_slots, device, dtype)
-        self.scorer = ItemScorer(self.model, ann=ann_options(settings, len(self.model.items)))
+        graph = getattr(getattr(previous, "scorer", None), "index", None)
+        self.scorer = ItemScorer(self.model, ann=ann_options(settings, len(self.model.items)),
+                                 previous=(graph, list(previous.model.items.ids)) if graph is not None else None)
         self.scorer.matrix()  # before serving (and off the event loop on a swap): matrix and index
         self.vectors = torch.zeros(self.n_slots, cfg.dim, device=device, dtype=dtype)  # latest per slot
         self.slots = SlotLRU(self.n_slots)

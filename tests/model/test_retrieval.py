@@ -114,3 +114,33 @@ def test_index_build_and_modes() -> None:
     assert use_ann("auto", 1000, 1000) and not use_ann("auto", 999, 1000)
     with pytest.raises(ValueError):
         use_ann("fast", 1, 1)
+
+
+def test_a_new_checkpoint_keeps_the_old_links_with_its_own_vectors() -> None:
+    """The learner's next checkpoint: each item's vector drifts a little, rows move, items
+    leave and new ones arrive."""
+    old = hybrid_model(seed=0)
+    old_scorer = ItemScorer(old, ann={"candidates": 100})
+    old_scorer.matrix()
+    new = hybrid_model(seed=0)
+    ids = list(old.items.ids[1:])
+    order = np.random.default_rng(5).permutation(len(ids) - 10)              # rows move; the last 10 leave
+    kept = [ids[i] for i in order]
+    new_ids = kept + [f"grown-{i}" for i in range(10)]
+    new.items = ItemIndex(new_ids, new.cfg, {i: old.items.meta.get(i, {"title": "widget 1", "category": "c2"})
+                                             for i in new_ids})
+    with torch.no_grad():  # each kept item keeps its vector under its new row, plus a fine-tune's drift
+        w = old.id_emb.weight
+        new.id_emb.weight[1:len(kept) + 1] = w[torch.from_numpy(order) + 1] + 0.05 * torch.randn(len(kept), w.shape[1])
+    scorer = ItemScorer(new, ann={"candidates": 100}, previous=(old_scorer.index, list(old.items.ids)))
+    M = scorer.matrix()
+    assert scorer.index.refreshes == 1 and scorer.index.graph.ntotal == old_scorer.index.graph.ntotal + 10
+    stored = scorer.index.graph.storage.reconstruct_n(0, 5)
+    rows = [new.items.lookup(old.items.ids[r]) for r in range(1, 6)]
+    assert np.allclose(stored, M[rows].numpy(), atol=1e-6)                 # the new vectors, under new rows
+    u = users(new)
+    exact = ItemScorer(new)
+    assert recall(scorer.topk(u, 10)[1], exact.topk(u, 10)[1]) >= 0.97
+    gone = set(ids[-10:])
+    found = {new.items.ids[i] for i in scorer.index.search(u, 100).flatten().tolist() if i}
+    assert not gone & found
