@@ -5,7 +5,8 @@
       mis-keyed --> clickstream.events again, keyed by user_id
       good    --> users table (one coalesced write per user per batch, RocksDB + changelog)
               --> recommendations (one record per touched user)
-  /metrics, /healthz, /readyz on the worker's web server.
+              --> latest store (lookups; refilled from recommendations at each assignment)
+  /metrics, /healthz, /readyz and the lookup API: stream_app/pipeline/pages.py.
 
 Topics and table values use the raw codec (a state is encoded once, by state.py, for
 both RocksDB and the changelog): Faust's pickle codec is never used (docs/design.md,
@@ -29,7 +30,10 @@ from stream_app.runtime import memory
 from stream_app.transport import storage
 from stream_app.config import Settings
 from stream_app.pipeline.events import encode_event
-from stream_app.pipeline.processor import BatchProcessor, Message, encode_record
+from stream_app.pipeline import pages
+from stream_app.pipeline.latest import Refills
+from stream_app.pipeline.pages import owned_partitions
+from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.catalog import Catalog, follow as catalog_follow
 from stream_app.pipeline.failures import Backoff, Rewind, describe, is_environment
 from stream_app.runtime import failpoints
@@ -159,7 +163,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
                 # unconditional: a redelivered forget must still send the tombstone
                 # that a SIGKILL may have kept from the changelog after the local delete
                 del users[user_id]
-            await recs_topic.send(key=user_id.encode(), value=None)  # and on the output topic
+            await recs_topic.send(key=user_id.encode(), value=None,  # and on the output topic
+                                  partition=partition_of(batch[index]))
 
     async def handle(batch: list[faust.EventT], isolated: bool = False) -> None:
         """One batch: process, write state, send. Raises whatever went wrong; `run` decides."""
@@ -176,11 +181,11 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
                 with writing_for(batch[index]):
                     users[user_id] = value
         with metrics.stage("send"):
-            records = [(user_id.encode(), encode_record(record)) for user_id, record in out.recommendations]
-            for key, value in records:
+            for (user_id, _), (partition, value) in zip(out.recommendations, out.published):
                 # buffered like the table's changelog writes; the flush before every
-                # commit waits for both (docs/design.md, "Commit after write")
-                recs_topic.send_soon(key=key, value=value)
+                # commit waits for both (docs/design.md, "Commit after write"); to the
+                # partition of the user's events (docs/design.md, "Lookups survive restarts")
+                recs_topic.send_soon(key=user_id.encode(), value=value, partition=partition if partition >= 0 else None)
 
     async def run(batch: list[faust.EventT]) -> None:
         """`handle`, with the failure policy of stream_app/pipeline/failures.py: nothing
@@ -322,34 +327,15 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     async def drop_revoked_lag(app, revoked, **kwargs) -> None:  # at once, not at the next gauges tick
         metrics.drop_lag((tp.topic, str(tp.partition)) for tp in revoked)
 
-    @app.page("/metrics")
-    async def metrics_page(web, request):
-        # aiohttp rejects the charset in CONTENT_TYPE_LATEST; Prometheus accepts text/plain
-        return web.bytes(metrics.render(), content_type="text/plain")
+    refills = Refills(processor.latest, settings.bootstrap_servers, settings.recommendations_topic,
+                      aiokafka_options(settings))
 
-    @app.page("/healthz")
-    async def healthz(web, request):
-        return web.json(broker_watch.status())  # 200 even when degraded: a restart cannot fix Kafka
+    @app.on_partitions_assigned.connect
+    async def refill_latest(app, assigned, **kwargs) -> None:  # docs/design.md, "Lookups survive restarts"
+        refills.assigned(tp.partition for tp in assigned if tp.topic == settings.events_topic)
 
-    @app.page("/readyz")
-    async def readyz(web, request):
-        owned = owned_partitions(app, settings.events_topic)
-        ready = (not app.rebalancing and bool(owned) and broker_watch.up and not backoff.failing
-                 and catalog.loaded.is_set())
-        body = {"ready": ready, "partitions": owned, "broker": broker_watch.status()["broker"],
-                "catalog": "loaded" if catalog.loaded.is_set() else "loading"}
-        if backoff.failing:
-            body["failing"] = backoff.last_error
-        return web.json(body, status=200 if ready else 503)
-
-    @app.page("/recommendations/{user_id}")
-    @app.topic_route(topic=events_topic, match_info="user_id")  # forwarded to the owning worker
-    async def lookup(web, request, user_id: str):
-        record = processor.latest.get(user_id)
-        if record is None:
-            return web.json({"error": f"no recommendations for user {user_id!r} yet"}, status=404)
-        return web.json(record)
-
+    pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
+                  failing=lambda: backoff.last_error if backoff.failing else None)
     return app
 
 
@@ -369,15 +355,13 @@ def rekeyed_from(headers) -> float | None:
     return None
 
 
+def partition_of(event: faust.EventT) -> int | None:
+    partition = event.message.partition
+    return partition if partition is not None and partition >= 0 else None
+
+
 def offsets_of(events: list[faust.EventT]) -> list[tuple[int, int]]:
     return [(e.message.partition, e.message.offset) for e in events]
-
-
-def owned_partitions(app: faust.App, topic: str) -> list[int]:
-    """Partitions of `topic` this worker consumes now (and whose table shards it owns)."""
-    owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
-    metrics.ASSIGNED_PARTITIONS.set(len(owned))
-    return owned
 
 
 def export_memory(table: faust.Table) -> None:

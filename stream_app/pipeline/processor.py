@@ -8,7 +8,6 @@ publishes one recommendation reflecting the newest event.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Callable, Sequence
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.pipeline.events import Event, InvalidEvent, decode_event
-from stream_app.pipeline.latest import LatestStore
+from stream_app.pipeline.latest import SCHEMA_VERSION, LatestStore
 from stream_app.serving.recommender import Recommender, Refresh
 from stream_app.pipeline.state import StateCache, UserState
 
@@ -47,6 +46,7 @@ class Outcome:
     forgets: dict[str, int] = field(default_factory=dict)  # user -> index of the forget event
     writes: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # user -> (index, encoded state)
     recommendations: list[tuple[str, dict]] = field(default_factory=list)  # (user_id, record)
+    published: list[tuple[int, bytes]] = field(default_factory=list)  # per record: (partition, encoded)
     accepted: Counter = field(default_factory=Counter)  # by event type
     duplicates: int = 0
     expired: int = 0  # users erased by a TTL expiry (conditional forget)
@@ -146,7 +146,7 @@ class BatchProcessor:
         else:
             out.expired += 1
         self.recommender.forget(user_id)
-        self.latest.forget(user_id)
+        self.latest.forget(user_id, messages[items[cut][0]].partition)
         self.states.drop(user_id)  # the table entry is deleted; later events start a new state
         later = [(i, ev) for i, ev in items[cut + 1:] if ev.type != "forget"]
         kept = [(i, ev) for i, ev in later  # re-published in the same batch as the forget, sent before it
@@ -191,8 +191,11 @@ class BatchProcessor:
                 "generated_at": round(now, 3),
                 "event_ts": event.ts,
                 "latency_ms": round(latency * 1000, 2),
+                "schema_version": SCHEMA_VERSION,
             }
-            self.latest.put(refresh.user_id, record)
+            # to the partition of the user's events (docs/design.md, "Lookups survive restarts")
+            partition = messages[index].partition
+            out.published.append((partition, self.latest.put(refresh.user_id, record, partition)))
             out.recommendations.append((refresh.user_id, record))
 
     @staticmethod
@@ -247,6 +250,3 @@ def replayed(msg: Message, ev: Event, state: UserState, newest_ts: float) -> boo
     return (0 <= msg.offset <= state.offset and msg.partition == state.partition
             and round(ev.ts, 3) <= newest_ts)
 
-
-def encode_record(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
