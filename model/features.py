@@ -118,6 +118,7 @@ class ItemIndex:
     def add(self, item_id: str, meta: Mapping[str, Any] | None = None) -> int:
         """Insert or update an item; returns its index. Content updates change its vector."""
         idx = self.index.get(item_id)
+        known = idx is not None
         if meta is not None:
             self.meta[item_id] = {"title": meta.get("title"), "category": meta.get("category")}
         if idx is None:
@@ -125,7 +126,10 @@ class ItemIndex:
             self.ids.append(item_id)
             self.index[item_id] = idx
             self._content.append([])
-        self._content[idx] = tokens = content_tokens(self.meta.get(item_id), self.cfg)
+        tokens = content_tokens(self.meta.get(item_id), self.cfg)
+        if known and tokens == self._content[idx]:
+            return idx  # nothing derived changes: a re-attached catalog must not re-score every row
+        self._content[idx] = tokens
         self._width = max(self._width, len(tokens))
         self._log.append(idx)
         self.version += 1

@@ -144,3 +144,16 @@ def test_a_new_checkpoint_keeps_the_old_links_with_its_own_vectors() -> None:
     gone = set(ids[-10:])
     found = {new.items.ids[i] for i in scorer.index.search(u, 100).flatten().tolist() if i}
     assert not gone & found
+
+
+def test_reattaching_an_unchanged_catalog_changes_nothing() -> None:
+    """A swap attaches the whole catalog to the new model's items: identical records must not
+    mark every row changed (a million-row re-score and graph build in the event loop)."""
+    model = hybrid_model()
+    scorer = ItemScorer(model, ann={"candidates": 20})
+    m, version = scorer.matrix(), model.items.version
+    for iid, meta in list(model.items.meta.items()):
+        model.items.add(iid, meta)
+    assert model.items.version == version and scorer.matrix() is m
+    model.items.add("i5", {"title": "lamp", "category": "garden"})
+    assert model.items.version == version + 1 and model.items.changed_since(version) == [model.items.lookup("i5")]
