@@ -90,7 +90,11 @@ def load_catalog(path: str | None) -> dict[str, dict] | None:
         for line in f:
             try:
                 row = json.loads(line)
-                out[str(row["item_id"])] = {"title": row.get("title"), "category": row.get("category")}
+                price, attributes = row.get("price"), row.get("attributes")
+                out[str(row["item_id"])] = {  # what content vectors and rules (model/rules.py) read
+                    "title": row.get("title"), "category": row.get("category"),
+                    "price": float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else None,
+                    "attributes": attributes if isinstance(attributes, dict) else {}}
             except (ValueError, KeyError, TypeError):
                 continue
     if not out:

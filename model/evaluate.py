@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from model.data import Dataset, Split, leave_one_out, load
 from model.features import RawEvent, item_ids as item_ids_of
 from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
+
+if TYPE_CHECKING:
+    from model.rules import Rules
 
 EXAMPLES = """examples:
   streamrec eval --checkpoint runs/games --data games.txt --format pairs --protocol sampled --k 10 --json m.json
@@ -130,6 +133,54 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
     return {"protocol": protocol, "k": k, "users": len(splits), **rank_metrics(greater, ties, k)}
 
 
+def evaluate_lists(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], k: int,
+                   rules_of: Callable[[int], "Rules"], meta: Mapping[str, Mapping], pool: int,
+                   seen_policy: tuple | None = None, batch_size: int = 512) -> dict:
+    """HR@k / NDCG@k of the list the worker would publish under rules: the best `pool` items
+    by score (the seen-items policy applied), then `model.rules.apply`, as live
+    (docs/design.md, "Rules are applied after scoring"). `rules_of(i)` gives split i's
+    rules (a surface's, or one drawn per request). Also counts, with the independent
+    `violations`, every list that breaks its rules: there must be none."""
+    from model.rules import apply, pool_size, violations
+
+    seen_policy = seen_policy or worker_seen_policy()
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    kept = [i for i, s in enumerate(splits) if s.target in index]
+    hr = ndcg = mrr = 0.0
+    broken = short = 0
+    for lo in range(0, len(kept), batch_size):
+        idx = kept[lo: lo + batch_size]
+        ctx = [splits[i].context for i in idx]
+        s = torch.as_tensor(np.asarray(score(ctx, None), dtype=np.float32))
+        for r, i in enumerate(idx):
+            seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
+            s[r, [index[x] for x in seen if x in index]] = float("-inf")
+        for r, i in enumerate(idx):
+            rules = rules_of(i)
+            top = torch.topk(s[r], min(pool_size(k, rules, pool), s.shape[1]))
+            ranked = [(item_ids[j], v) for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
+            got = [item for item, _ in apply(ranked, rules, meta, k)]
+            broken += bool(violations(got, rules, meta))
+            short += len(got) < k
+            if splits[i].target in got:
+                pos = got.index(splits[i].target)
+                hr, ndcg, mrr = hr + 1.0, ndcg + 1.0 / float(np.log2(pos + 2)), mrr + 1.0 / (pos + 1)
+    n = max(len(kept), 1)
+    return {"k": k, "users": len(kept), "hr": hr / n, "ndcg": ndcg / n, "mrr": mrr / n,  # mrr within the list
+            "violations": broken, "short_lists": short}
+
+
+def last_item_splits(splits: Sequence[Split]) -> list[Split]:
+    """"Next item given the last one": each split's context cut to its newest item event,
+    the question an item page asks (the similar-items surface, model_recommender.similar)."""
+    out = []
+    for s in splits:
+        last = next((e for e in reversed(s.context) if e.item_id is not None and e.type != "search"), None)
+        if last is not None:
+            out.append(Split(s.user, [RawEvent(last.item_id, "click", 0.0)], s.target, {last.item_id}))
+    return out
+
+
 def model_scorer(model: SeqRec, item_ids: Sequence[str], catalog: dict | None = None,
                  part: str = "served", memo: dict | None = None) -> ScoreFn:
     """Scores over the data's items by `model.scores`, exactly what the worker ranks by; items
@@ -231,6 +282,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full protocol: items never recommended back (default: the worker's exclude_seen)")
     parser.add_argument("--exclude-seen-window", type=int, default=None, metavar="N",
                         help="only the last N item events count as seen (default: the worker's setting)")
+    parser.add_argument("--surface", metavar="NAME", default=None,
+                        help="full protocol: score the lists a surface's rules leave, as the worker publishes them "
+                             "(the surfaces file's rules on the best --rules-pool candidates; docs/contracts.md, Rules)")
+    parser.add_argument("--surfaces-file", metavar="FILE", default=None, help="the worker's surfaces file (TOML)")
+    parser.add_argument("--rules-pool", type=int, default=None, metavar="N",
+                        help="candidates before the rules (default: the worker's rules_pool)")
     parser.add_argument("--json", metavar="OUT", help="write the metrics as JSON here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     from model import prequential
@@ -266,7 +323,10 @@ def run(args: argparse.Namespace) -> int:
         score = baseline_scorer(args.baseline, baseline_fit_data(ds), ds.items)
         who = {"baseline": args.baseline, "fitted_on": FITTED_ON}
     policy = worker_seen_policy(args.exclude_seen, args.exclude_seen_window)
-    res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True, seen_policy=policy)
+    if args.surface:
+        res = _surface_lists(args, score, splits, ds, policy)
+    else:
+        res = evaluate(score, splits, ds.items, args.protocol, args.k, args.seed, progress=True, seen_policy=policy)
     res.update(who, split=args.split, exclude_seen=policy[0], exclude_seen_window=policy[1], data=ds.path, data_fingerprint=ds.fingerprint, items=len(ds.items),
                seconds=round(time.time() - t0, 2))
     table = Table(title=f"{who.get('baseline') or 'model'} · {args.protocol} · {args.split}")
@@ -278,6 +338,27 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
+
+
+def _surface_lists(args: argparse.Namespace, score: ScoreFn, splits: Sequence[Split], ds: Dataset,
+                   policy: tuple) -> dict:
+    """The lists the worker publishes for a surface: its rules on the best candidates."""
+    from pathlib import Path
+
+    from stream_app.config import Settings
+    from stream_app.errors import UserError
+    from stream_app.serving.surfaces import load as load_surfaces
+
+    if args.protocol != "full":
+        raise UserError("--surface scores published lists, a full ranking; add --protocol full")
+    surfaces = load_surfaces(Path(args.surfaces_file) if args.surfaces_file else None, args.k)
+    if args.surface not in surfaces:
+        raise UserError(f"no surface {args.surface!r} in {args.surfaces_file or 'the defaults'}; "
+                        f"use one of {', '.join(sorted(surfaces))}")
+    rules = surfaces[args.surface].rules
+    pool = args.rules_pool or Settings.model_fields["rules_pool"].default
+    res = evaluate_lists(score, splits, ds.items, args.k, lambda i: rules, ds.catalog or {}, pool, policy)
+    return {"protocol": "full", "surface": args.surface, "rules_pool": pool, **res}
 
 
 def _run_prequential(args: argparse.Namespace) -> int:

@@ -146,6 +146,12 @@ EMPTY = Rules()
 NO_META: Mapping[str, Any] = {}
 
 
+def pool_size(k: int, rules: Rules, pool: int) -> int:
+    """Candidates scored before the rules: k where nothing can drop or move an item,
+    else `pool` (the `rules_pool` setting), the same offline and live."""
+    return max(k, pool) if rules.filters or rules.boost else k
+
+
 def apply(ranked: Sequence[tuple[str, float]], rules: Rules, meta: Meta, k: int) -> list[tuple[str, float]]:
     """The first `k` of `ranked` (best first, (item_id, score)) that the rules allow, boosts
     re-ordering them and the diversity limit applied in that order. Scores returned are the

@@ -106,7 +106,8 @@ REBUILD_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY,
 )
 INFERENCE_SECONDS = Histogram(
-    "streamrec_inference_seconds", "Inference time per batch, by path.", ["path"],
+    "streamrec_inference_seconds", "Inference time per batch, by path (step, rebuild, score, and the list's "
+    "rules and reasons).", ["path"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=REGISTRY,
 )
 CATALOG_ITEMS = Gauge("streamrec_catalog_items", "Items known to the scorer, by availability.", ["state"],
@@ -185,7 +186,7 @@ for _r in REASONS:
     INVALID.labels(_r)
 for _k in ("environment", "data"):
     BATCH_FAILURES.labels(_k)
-for _p in ("step", "rebuild", "score"):
+for _p in ("step", "rebuild", "score", "rules", "reasons"):
     INFERENCE_SECONDS.labels(_p)
 for _r in CHECKPOINT_REJECT_REASONS:  # model/checkpoint.py's REJECT_REASONS, plus "error": anything else
     CHECKPOINT_REJECTED.labels(_r)

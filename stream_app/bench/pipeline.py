@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--against", type=Path, default=None,
                         help="another checkout (git worktree add DIR main): its worker runs as engine "
                              "`against` with the same load, an A/B of two revisions in one run")
+    parser.add_argument("--surfaces-file", type=Path, default=None,
+                        help="a surfaces file: the engines publish with its for_you rules (docs/contracts.md, Rules)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also run engine `plain`: no rules and no reasons, for their cost in the same run")
     parser.add_argument("--workers", type=int, default=1,
                         help="workers of one consumer group on the broker (partitions: at least this many)")
     parser.add_argument("--json", type=Path, default=Path("pipeline.json"))
@@ -192,6 +196,8 @@ STAGE_NAMES = {  # stage -> what it covers, in the order of the batch path
     "rank": "recommend: the KV-cache step or rebuild and scoring, plus building records",
     "rank.inference": "  of which transformer step/rebuild",
     "rank.scoring": "  of which top-k scoring",
+    "rank.rules": "  of which the list's rules (filters, diversity, boosts)",
+    "rank.reasons": "  of which a reason per item",
     "state_write": "table write: RocksDB put and changelog send",
     "send": "recommendation, DLQ, re-key and tombstone sends",
     "total": "process CPU per event",
@@ -202,7 +208,7 @@ def stage_seconds(scrape: dict[str, float]) -> dict[str, float]:
     """Cumulative loop seconds by stage (streamrec_stage_seconds_total) and inference path."""
     from stream_app.metrics import STAGES
     out = {s: scrape.get(f'streamrec_stage_seconds_total{{stage="{s}"}}', 0.0) for s in STAGES}
-    for path in ("step", "rebuild", "score"):
+    for path in ("step", "rebuild", "score", "rules", "reasons"):
         out[path] = scrape.get(f'streamrec_inference_seconds_sum{{path="{path}"}}', 0.0)
     return out
 
@@ -216,6 +222,7 @@ def stage_profile(before: dict[str, float], after: dict[str, float], cpu_s: floa
     total = cpu_s * 1e6 / events
     profile = {"framework": total - staged, **{s: per[s] for s in ("decode", "state_read", "update", "rank")},
                "rank.inference": per["step"] + per["rebuild"], "rank.scoring": per["score"],
+               "rank.rules": per["rules"], "rank.reasons": per["reasons"],
                "state_write": per["state_write"], "send": per["send"], "total": total}
     return {k: round(v, 1) for k, v in profile.items()}
 
@@ -316,8 +323,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def engines(args: argparse.Namespace) -> list[tuple[str, list[float], dict, dict | None]]:
     """(name, offered levels, settings overrides, worker env): one engine per retrieval mode,
     the other revision's worker (`--against`), then the naive baseline."""
-    out = [("engine" if len(args.retrieval) == 1 else f"engine-{mode}", args.levels, {"retrieval": mode}, None)
-           for mode in args.retrieval]
+    rules = {"surfaces_file": args.surfaces_file} if getattr(args, "surfaces_file", None) else {}
+    out = [("engine" if len(args.retrieval) == 1 else f"engine-{mode}", args.levels, {"retrieval": mode, **rules},
+            None) for mode in args.retrieval]
+    if getattr(args, "plain", False):
+        out.append(("plain", args.levels, {"retrieval": args.retrieval[0], "reasons": False}, None))
     if getattr(args, "against", None):
         out.append(("against", args.levels, {"retrieval": args.retrieval[0]},
                     {"PYTHONPATH": str(Path(args.against).resolve())}))
@@ -379,6 +389,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{name}: drained peak {fig['drained_peak_per_s']} · best swept {fig['max_events_per_s']:.0f} "
                       f"· p99_ms_at_2000 {fig['p99_ms_at_2000']}")
     console.print(f"speedup vs naive {result['speedup_vs_baseline']}x")
+    if "plain" in by_engine:
+        plain = by_engine["plain"]
+        result["vs_plain"] = {k: round(main[k] / plain[k], 3) if main[k] and plain[k] else None
+                              for k in ("drained_peak_per_s", "max_events_per_s")}
+        console.print(f"with rules and reasons vs plain: drained peak {result['vs_plain']['drained_peak_per_s']}x, "
+                      f"best swept {result['vs_plain']['max_events_per_s']}x")
     if "against" in by_engine:
         theirs = by_engine["against"]
         result["vs_against"] = {k: round(main[k] / theirs[k], 2) if main[k] and theirs[k] else None

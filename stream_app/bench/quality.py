@@ -8,6 +8,10 @@ default are judged on the validation split; test is reported.
 `--live` also replays the test users' histories through a live broker and worker serving
 the trained checkpoint and scores the recommendations topic: the live number should
 match the offline full protocol under the same seen-items policy.
+
+The surfaces and rules are measured too (stream_app/bench/surfaces_quality.py): similar
+items ("next item given the last one") against co-occurrence, and the published list's
+HR/NDCG under each rule set, with every list checked for violations.
 """
 from __future__ import annotations
 
@@ -159,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
                         "hybrid_search": info.get("hybrid")},
               **metrics}
     result["winner"] = {split: winner(result, split) for split in ("valid", "test")}
+    from stream_app.bench.surfaces_quality import rules_quality, similar_quality
+    from stream_app.config import Settings
+    with torch.no_grad():
+        result["similar"] = similar_quality(ds, model, test, args.k)
+        result["rules"] = rules_quality(ds, model, test, args.k, Settings.model_fields["rules_pool"].default, policy,
+                                        say=lambda m: console.print(f"[dim]{m}[/dim]"))
     if args.live:
         result["live"] = live(Path(out), ds, test, args.k, args.live_users, policy, console.print)
     _print(console, result, args.k)
@@ -210,8 +220,30 @@ def _print(console, result: dict, k: int) -> None:
                   f"{result['winner']['valid']}, test {result['winner']['test']}")
     console.print("seen-items policy, model, full ranking on valid: " + ", ".join(
         f"{policy} HR@{k} {m['hr']:.4f} NDCG@{k} {m['ndcg']:.4f}" for policy, m in result["seen_policies_valid"].items()))
+    _print_surfaces(console, result, k)
     if "live" in result:
         lv, off = result["live"]["live"], result["live"]["offline_full"]
         console.print(f"live ({lv['answered']}/{lv['users']} users answered, {result['live']['events_per_s']} "
                       f"events/s): HR@{k} {lv['hr']:.4f} NDCG@{k} {lv['ndcg']:.4f} · offline full on the same "
                       f"users: HR@{k} {off['hr']:.4f} NDCG@{k} {off['ndcg']:.4f}")
+
+
+def _print_surfaces(console, result: dict, k: int) -> None:
+    from rich.table import Table
+
+    sim = Table(title="similar items: next item given the last one, test, full ranking")
+    for col in ("who", f"HR@{k}", f"NDCG@{k}"):
+        sim.add_column(col, justify="right")
+    for who, m in result["similar"].items():
+        sim.add_row(who, f"{m['hr']:.4f}", f"{m['ndcg']:.4f}")
+    console.print(sim)
+    rules = result["rules"]
+    table = Table(title=f"rules on the published list, test (best {rules['pool']} candidates, then the rules)")
+    for col in ("rules", f"HR@{k}", f"NDCG@{k}", "vs none", "short lists", "violations"):
+        table.add_column(col, justify="right")
+    none = rules["rows"]["none"]["ndcg"] or 1.0
+    for name, m in rules["rows"].items():
+        table.add_row(name, f"{m['hr']:.4f}", f"{m['ndcg']:.4f}", f"{m['ndcg'] / none - 1:+.1%}",
+                      str(m["short_lists"]), str(m["violations"]))
+    console.print(table)
+    console.print(f"stand-in catalog: {rules['catalog']}")

@@ -21,9 +21,9 @@ import torch
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.errors import UserError
-from model.rules import EMPTY, Rules, apply
+from model.rules import EMPTY, Rules, apply, pool_size
 from stream_app.pipeline.state import TYPE_CODE, UserState
-from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh, latest_search, pool_size
+from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh, latest_search
 
 
 class SlotLRU:

@@ -10,7 +10,7 @@ from typing import Mapping, Protocol, Sequence
 
 from model.cooccurrence import CoOccurrence
 from model.reasons import QUERY_SHOWN, reason, search_match, words
-from model.rules import EMPTY, Rules, apply
+from model.rules import EMPTY, Rules, apply, pool_size
 from stream_app.pipeline.events import Event
 from stream_app.pipeline.state import UserState
 
@@ -49,12 +49,6 @@ class Recommender(Protocol):
     def forget(self, user_id: str) -> None:
         """Drop anything derived from the user (caches)."""
         ...
-
-
-def pool_size(k: int, rules: Rules, pool: int) -> int:
-    """Candidates scored before the rules: k where nothing can drop or move an item,
-    else `pool` (the `rules_pool` setting), the same offline and live."""
-    return max(k, pool) if rules.filters or rules.boost else k
 
 
 def latest_search(state: UserState, within: int) -> str | None:

@@ -37,6 +37,14 @@ def test_quality_report_with_live_replay(tmp_path):
     assert live["ndcg"] == pytest.approx(offline["ndcg"], abs=1 / 40 + 1e-9)
     # the blend was chosen on validation with "transformer alone" on its grid
     assert result["valid"]["hybrid"]["full"]["ndcg"] >= result["valid"]["transformer"]["full"]["ndcg"]
+    # surfaces: similar items beside co-occurrence; every rule set's lists, none broken
+    assert set(result["similar"]) == {"similar (served)", "transformer alone", "transition alone", "cooccurrence"}
+    assert all(m["users"] > 250 for m in result["similar"].values())
+    rows = result["rules"]["rows"]
+    assert "none" in rows and "random rules per user" in rows and all(m["violations"] == 0 for m in rows.values())
+    none = rows["none"]
+    assert none["hr"] == pytest.approx(result["test"]["hybrid"]["full"]["hr"], abs=0.01)  # lists = full ranking
+    assert none["short_lists"] == 0 and rows["max 1 per category"]["users"] == none["users"]
 
     again = argparse.Namespace(**{**vars(args), "checkpoint": args.out, "live": False, "json": tmp_path / "q2.json"})
     assert quality.run(again) == 0

@@ -106,3 +106,32 @@ def test_user_errors(tmp_path) -> None:
         load(str(p), "csv")
     with pytest.raises(UserError):
         load(str(p), "jsonl")
+
+
+def test_lists_with_rules_are_the_full_protocol_without_them(tiny) -> None:
+    """evaluate_lists: no rules = the full protocol (no ties here); rules drop the target
+    when they forbid it, and the independent check finds no violation."""
+    from model.evaluate import evaluate_lists
+    from model.rules import Rules
+
+    ds, _ = tiny
+    _, _, test = leave_one_out(ds)
+    score = lambda ctx, cand: -np.arange(len(ds.items), dtype=float)[None].repeat(len(ctx), 0)  # noqa: E731
+    plain = evaluate(score, test, ds.items, "full", k=10)
+    lists = evaluate_lists(score, test, ds.items, 10, lambda i: Rules(), {}, 100)
+    assert (lists["hr"], lists["ndcg"], lists["users"]) == pytest.approx((plain["hr"], plain["ndcg"], plain["users"]))
+    meta = {iid: {"category": "even" if n % 2 == 0 else "odd", "price": float(n)} for n, iid in enumerate(ds.items)}
+    odd = evaluate_lists(score, test, ds.items, 10, lambda i: Rules(categories=("odd",), max_per_category=3), meta, 100)
+    assert odd["violations"] == 0 and odd["short_lists"] == odd["users"]  # 3 odd items a list: never 10
+    targets = {s.target for s in test}
+    assert odd["hr"] <= sum(meta[t]["category"] == "odd" for t in targets) / len(test)
+
+
+def test_last_item_splits_ask_the_item_page_question(tiny) -> None:
+    from model.evaluate import last_item_splits
+
+    ds, _ = tiny
+    _, _, test = leave_one_out(ds)
+    cut = last_item_splits(test)
+    a = next(s for s in cut if ds.users[s.user] == "a")
+    assert [(e.item_id, e.type) for e in a.context] == [("x2", "click")] and a.target == "x40" and a.seen == {"x2"}
