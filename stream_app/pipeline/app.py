@@ -6,6 +6,8 @@
       good    --> users table (one coalesced write per user per batch, RocksDB + changelog)
               --> recommendations (one record per touched user)
               --> latest store (lookups; refilled from recommendations at each assignment)
+              --> trending counts of the owned partitions --every trending_publish_s--> trending
+  trending (compacted; every worker, all partitions, no group) --> the trending answer
   /metrics, /healthz, /readyz and the lookup API: stream_app/pipeline/pages.py.
 
 Topics and table values use the raw codec (a state is encoded once, by state.py, for
@@ -35,6 +37,8 @@ from stream_app.pipeline.latest import Refills
 from stream_app.pipeline.pages import owned_partitions
 from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.catalog import Catalog, follow as catalog_follow
+from stream_app.pipeline import trending_topic
+from stream_app.pipeline.trending import Trending
 from stream_app.pipeline.failures import Backoff, Rewind, describe, is_environment
 from stream_app.runtime import failpoints
 from stream_app.transport.health import BrokerWatch
@@ -129,7 +133,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
     users = app.Table("users", default=None, partitions=settings.partitions, value_type=bytes,
                       options=rocksdb_options(settings))
-    processor = BatchProcessor(settings, lifecycle.recommender)
+    trending = Trending.of(settings, catalog)
+    processor = BatchProcessor(settings, lifecycle.recommender, trending=trending)
     cap = settings.dlq_payload_cap
 
     guard = OffsetGuard()
@@ -285,6 +290,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings),
                              on_reject=catalog_dead_letter)
 
+    trending_topic.install(app, settings, trending, app.topic(settings.trending_topic, **RAW), fence)
+
     @app.timer(settings.ttl_sweep_s)
     async def expire_idle_users() -> None:
         """Bounded state: idle users get an expiry event on their own partition (at most
@@ -322,6 +329,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         export_memory(users)
         owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)
+        trending.export()
 
     @app.on_partitions_revoked.connect
     async def drop_revoked_lag(app, revoked, **kwargs) -> None:  # at once, not at the next gauges tick
@@ -333,6 +341,7 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     @app.on_partitions_assigned.connect
     async def refill_latest(app, assigned, **kwargs) -> None:  # docs/design.md, "Lookups survive restarts"
         refills.assigned(tp.partition for tp in assigned if tp.topic == settings.events_topic)
+        trending.assign(tp.partition for tp in assigned if tp.topic == settings.events_topic)
 
     pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
                   failing=lambda: backoff.last_error if backoff.failing else None)

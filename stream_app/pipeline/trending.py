@@ -1,0 +1,347 @@
+"""Trending items: recency-weighted popularity over all input partitions, answered the
+same by every worker (docs/design.md, "Trending is the topic's").
+
+A worker sees only the events of the input partitions it owns, so it keeps *live counts*
+for those alone: per item, the sum of its accepted item events (COUNTED), each decayed by
+its record time with half-life `trending_half_life_s`. Every `trending_publish_s` it
+publishes each changed partition's strongest `trending_keep` items as a *snapshot* to the
+compacted trending topic, keyed `p<partition>`; every worker reads that topic from the
+beginning without a group (stream_app/pipeline/trending_topic.py, which also holds the
+record's codec) and keeps the newest snapshot per partition. The answer is computed from
+those snapshots alone, the worker's own partitions' included: it is then a function of what
+the topic carries, so two workers that have read the same records give the same answer, to
+the last bit, under traffic too.
+Mixing in live counts would make a worker's own partitions fresher than its peers' view of
+them, and two workers would disagree for as long as events flow. The price is freshness:
+an event counts once its partition's next snapshot is read back (one publish interval).
+
+Counts live in the log domain: an item holds L = ln Σ w·e^(λ(t - ref)) over its events
+(λ = ln 2 / half-life, `ref` a reference time of its partition), its weight at time `now` is
+e^(L - λ(now - ref)), adding an event is a log-add-exp, and the order of items never
+changes as time passes, so adding and pruning need no clock. Nothing overflows over any span
+an event's time may have: when a new event would lie e^64 above the reference, the reference
+moves to it and every value shifts down by the same amount (a pass over the partition's
+items, once every ~92 half-lives of stream time). A fixed reference such as the epoch would
+also never overflow, but λ·t near 3e9 (a one-second half-life) leaves a double ~1e-6 of
+relative precision per event, which a hot item's hundred thousand events add up to 1e-4.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Callable, Iterable
+
+from stream_app import metrics
+from stream_app.config import Settings
+from stream_app.pipeline.catalog import Throttle
+from stream_app.pipeline.events import Event
+from stream_app.pipeline.state import FUTURE_SKEW_S
+from stream_app.pipeline.trending_topic import Rejected, Snapshot, encode_snapshot, parse_snapshot
+
+log = logging.getLogger(__name__)
+
+# Event types that make an item trend, and their weights: an explicit allow-list, so search,
+# forget and any type added later count only once someone decides they should. Equal
+# weights: a view is far more frequent than a purchase, and weighting purchases up would let
+# a few buyers outrank what many people look at, which is what "trending" means here.
+COUNTED = {"view": 1.0, "click": 1.0, "add_to_cart": 1.0, "purchase": 1.0}
+_LOG_WEIGHT = {etype: math.log(w) for etype, w in COUNTED.items()}
+
+CATEGORY_SPLIT = re.compile(r"[>/|]")  # as model/features.py content_tokens splits a path
+
+for _k in ("live", "snapshot"):
+    metrics.TRENDING_ITEMS.labels(_k)
+
+
+@dataclass(frozen=True, slots=True)
+class Trend:
+    """One answer entry: `category` is the catalog's category of the item (the path that
+    made it match a category request), None when the catalog has none for it."""
+
+    item_id: str
+    score: float
+    category: str | None
+
+
+def logaddexp(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    return a + math.log1p(math.exp(b - a))
+
+
+class Decayed:
+    """One owned partition's live counts (module docstring: the log domain, moving reference).
+
+    Bounded: past `max_items` items the weakest half is dropped. An item dropped is one that
+    is far from the top, and comes back on its next event, as a newcomer would."""
+
+    __slots__ = ("rate", "max_items", "logs", "ref", "dirty")
+    REBASE = 64.0  # a new event this far above the reference (e^64) moves it: ~92 half-lives
+
+    def __init__(self, rate: float, max_items: int) -> None:
+        self.rate, self.max_items = rate, max_items
+        self.logs: dict[str, float] = {}  # item -> ln Σ w·e^(λ(t - ref))
+        self.ref: float | None = None
+        self.dirty = False  # changed since the last snapshot was taken
+
+    def add(self, item_id: str, log_weight: float, t: float) -> None:
+        if self.ref is None:
+            self.ref = t
+        x = log_weight + self.rate * (t - self.ref)
+        if x > self.REBASE:
+            self._rebase(t)
+            x = log_weight
+        old = self.logs.get(item_id)
+        self.logs[item_id] = x if old is None else logaddexp(old, x)
+        self.dirty = True
+        if len(self.logs) > self.max_items:
+            self.logs = dict(heapq.nlargest(self.max_items // 2, self.logs.items(), key=itemgetter(1)))
+
+    def _rebase(self, t: float) -> None:
+        """Move the reference to `t`: every value shifts by the same amount, the order stays."""
+        shift = self.rate * (t - self.ref)
+        self.logs = {item_id: x - shift for item_id, x in self.logs.items()}
+        self.ref = t
+
+    def add_snapshot(self, snapshot: Snapshot) -> None:
+        """Seed from a snapshot: its weights are at its own time `t`."""
+        for item_id, weight in snapshot.items:
+            if weight > 0:
+                self.add(item_id, math.log(weight), snapshot.t)
+
+    def snapshot(self, n: int, t: float) -> Snapshot:
+        """The `n` strongest items weighted at `t`; those decayed to 0 are left out."""
+        top = heapq.nlargest(n, self.logs.items(), key=itemgetter(1))
+        offset = self.rate * (t - self.ref) if self.ref is not None else 0.0
+        items = ((item_id, math.exp(min(700.0, x - offset))) for item_id, x in top)
+        return Snapshot(t, tuple((i, w) for i, w in items if w > 0))
+
+    def __len__(self) -> int:
+        return len(self.logs)
+
+
+def category_path(category: str) -> tuple[str, ...]:
+    """`Beauty > Skin Care` -> ("beauty", "skin care"): levels split on `>`, `/` or `|`,
+    compared without case or surrounding space."""
+    return tuple(p.strip().casefold() for p in CATEGORY_SPLIT.split(category) if p.strip())
+
+
+def in_category(item_category: str | None, wanted: tuple[str, ...]) -> bool:
+    """The item's category is `wanted` or lies under it (`wanted` is a leading path of it)."""
+    return bool(wanted) and bool(item_category) and category_path(item_category)[:len(wanted)] == wanted
+
+
+@dataclass(slots=True)
+class Ranking:
+    """The merged answer over all snapshots at one version, best first."""
+
+    version: int
+    computed_at: float  # the monotonic clock
+    now: float | None  # stream time the scores are decayed to: the newest snapshot's
+    items: list[tuple[str, float]]
+    # category path -> (when, its items): kept `cache_s` at most, as the catalog may move items
+    by_category: dict[tuple[str, ...], tuple[float, list[tuple[str, float]]]] = field(default_factory=dict)
+
+
+class Trending:
+    """Live counts of the owned partitions, the newest snapshot of every partition, and
+    the answer. Mutated only in the event loop."""
+
+    MAX_CACHED_CATEGORIES = 64
+    MAX_CATEGORY_POOL = 10_000
+
+    def __init__(self, partitions: int, half_life_s: float = 3600.0, max_items: int = 100_000,
+                 keep: int = 1_000, catalog: Any = None, cache_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 log_interval_s: float = 60.0) -> None:
+        self.partitions, self.rate, self.max_items, self.keep = partitions, math.log(2) / half_life_s, max_items, keep
+        self.catalog, self.cache_s, self.clock, self.wall = catalog, cache_s, clock, wall
+        self.live: dict[int, Decayed] = {}
+        # gained partitions not yet seeded -> the gain they came with: their live counts hold
+        # only what arrived since, and are not published until the topic was read that far
+        self.seeding: dict[int, int] = {}
+        self.gains = 0
+        self.snapshots: dict[int, Snapshot] = {}
+        self.newest: float | None = None  # the stream clock: newest record time counted or seeded
+        self._version = 0
+        self._ranking: Ranking | None = None
+        self._throttle = Throttle(log_interval_s, clock, log)
+        self.loaded = asyncio.Event()  # the topic was read to the end it had at start
+
+    @classmethod
+    def of(cls, settings: Settings, catalog: Any = None) -> "Trending":
+        return cls(settings.partitions, settings.trending_half_life_s, settings.trending_max_items,
+                   settings.trending_keep, catalog)
+
+    # --- live counts (owned partitions) ------------------------------------------------------
+
+    def observe(self, event: Event, message: Any) -> None:
+        """One accepted event; `message` is its Kafka record (`partition`, `timestamp`).
+        Decayed by record time, capped FUTURE_SKEW_S past this worker's clock as the
+        stream clock is (docs/design.md, "Idle by the stream's clock")."""
+        log_weight = _LOG_WEIGHT.get(event.type)
+        partition = message.partition
+        if log_weight is None or event.item_id is None or not 0 <= partition < self.partitions:
+            return
+        counts = self.live.get(partition)
+        if counts is None:  # an event before its partition's assignment reached us
+            self._gain([partition])
+            counts = self.live[partition]
+        t = min(message.timestamp, self.wall() + FUTURE_SKEW_S)
+        counts.add(event.item_id, log_weight, t)
+        if self.newest is None or t > self.newest:
+            self.newest = t
+
+    def assign(self, partitions: Iterable[int]) -> set[int]:
+        """The worker owns `partitions` now: the live counts of lost ones are dropped (their
+        snapshots stay and answer for them); gained ones start empty and wait for `seed`."""
+        partitions = {p for p in partitions if 0 <= p < self.partitions}
+        for lost in set(self.live) - partitions:
+            del self.live[lost]
+            self.seeding.pop(lost, None)
+        gained = partitions - set(self.live)
+        self._gain(gained)
+        return gained
+
+    def _gain(self, partitions: Iterable[int]) -> None:
+        partitions = list(partitions)
+        if partitions:
+            self.gains += 1
+        for p in partitions:
+            self.live[p] = Decayed(self.rate, self.max_items)
+            self.seeding[p] = self.gains
+
+    def seed(self, upto: int) -> list[int]:
+        """The topic was read to the end offsets it had after gain `upto`, so the newest
+        snapshot of each partition gained by then is the last its previous owner published:
+        add it to what arrived since. Returns the partitions seeded."""
+        seeded = [p for p, gain in self.seeding.items() if gain <= upto]
+        for p in seeded:
+            del self.seeding[p]
+            snapshot = self.snapshots.get(p)
+            if snapshot is not None:
+                self.live[p].add_snapshot(snapshot)
+                if self.newest is None or snapshot.t > self.newest:
+                    self.newest = snapshot.t
+        return seeded
+
+    def take_snapshots(self, partitions: Iterable[int] | None = None) -> list[tuple[int, bytes]]:
+        """(partition, value) of each seeded partition changed since its last snapshot (of
+        `partitions` only, if given), at the stream clock; they count as clean from now."""
+        wanted = set(self.live) if partitions is None else set(partitions) & set(self.live)
+        if self.newest is None:
+            return []
+        out = []
+        for p in sorted(wanted):
+            counts = self.live[p]
+            if counts.dirty and p not in self.seeding:
+                counts.dirty = False
+                out.append((p, encode_snapshot(counts.snapshot(self.keep, self.newest))))
+        return out
+
+    def unsent(self, partitions: Iterable[int]) -> None:
+        """Their snapshots were not sent: take them again next time."""
+        for p in partitions:
+            if p in self.live:
+                self.live[p].dirty = True
+
+    # --- the topic ---------------------------------------------------------------------------
+
+    def apply(self, key: Any, value: Any) -> bool:
+        """One trending-topic record; True if applied. Never raises for a record: a bad one
+        is counted, logged (throttled) and ignored, and its partition keeps the snapshot it
+        had. MemoryError propagates."""
+        try:
+            partition, snapshot = parse_snapshot(key, value, self.partitions, self.wall())
+        except Rejected as exc:
+            return self._reject(exc.reason, exc.detail)
+        except MemoryError:
+            raise
+        except Exception as exc:  # one record must not take the follower (and the worker) down
+            return self._reject("internal", f"{type(exc).__name__}: {exc}", exc)
+        if snapshot is None:
+            self.snapshots.pop(partition, None)
+        else:
+            self.snapshots[partition] = snapshot
+        self._version += 1
+        metrics.TRENDING_SNAPSHOTS.labels("applied").inc()
+        return True
+
+    def _reject(self, reason: str, detail: str, exc: BaseException | None = None) -> bool:
+        metrics.TRENDING_REJECTED.labels(reason).inc()
+        self._throttle.warn(reason, f"trending record ignored ({reason}): {detail}", exc)
+        return False
+
+    def export(self) -> None:
+        metrics.TRENDING_ITEMS.labels("live").set(sum(map(len, self.live.values())))
+        metrics.TRENDING_ITEMS.labels("snapshot").set(sum(len(s.items) for s in self.snapshots.values()))
+
+    # --- the answer --------------------------------------------------------------------------
+
+    def ranking(self) -> Ranking:
+        """Every snapshot decayed to the newest one's time and summed per item, best first
+        (ties by item id). Partitions are summed in order, so the floats are the same on
+        every worker. Recomputed at most every `cache_s` while snapshots keep arriving."""
+        cached = self._ranking
+        if cached is not None and (cached.version == self._version or self.clock() - cached.computed_at < self.cache_s):
+            return cached
+        now = max((s.t for s in self.snapshots.values()), default=None)
+        totals: dict[str, float] = {}
+        for p in sorted(self.snapshots):
+            snapshot = self.snapshots[p]
+            factor = math.exp(-self.rate * (now - snapshot.t))
+            for item_id, weight in snapshot.items:
+                totals[item_id] = totals.get(item_id, 0.0) + weight * factor
+        items = sorted(((i, s) for i, s in totals.items() if s > 0), key=lambda e: (-e[1], e[0]))
+        self._ranking = Ranking(self._version, self.clock(), now, items)
+        return self._ranking
+
+    def trends(self, n: int, category: str | None = None) -> list[Trend]:
+        """The `n` items trending now, best first, of `category` (that path or under it)
+        if given; never an unavailable item."""
+        ranking = self.ranking()
+        pool = ranking.items if not category else self._of_category(ranking, category_path(category))
+        unavailable = self.catalog.unavailable if self.catalog is not None else ()
+        out: list[Trend] = []
+        for item_id, score in pool:
+            if len(out) >= n:
+                break
+            if item_id not in unavailable:
+                out.append(Trend(item_id, score, self._category(item_id)))
+        return out
+
+    def top(self, n: int, category: str | None = None) -> list[tuple[str, float]]:
+        """(item_id, score) of `trends`: score = the item's events, each weighted
+        2^-(age / half-life), age measured back from `as_of`."""
+        return [(t.item_id, t.score) for t in self.trends(n, category)]
+
+    @property
+    def as_of(self) -> float | None:
+        """The stream time the scores are decayed to (None: no snapshot read yet)."""
+        return self.ranking().now
+
+    def _category(self, item_id: str) -> str | None:
+        meta = self.catalog.meta.get(item_id) if self.catalog is not None else None
+        return (meta.get("category") or None) if meta else None
+
+    def _of_category(self, ranking: Ranking, wanted: tuple[str, ...]) -> list[tuple[str, float]]:
+        """The ranking's items of that category: one scan, kept `cache_s` (bounded)."""
+        now = self.clock()
+        cached = ranking.by_category.get(wanted)
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
+        pool = []
+        for item_id, score in ranking.items:
+            if in_category(self._category(item_id), wanted):
+                pool.append((item_id, score))
+                if len(pool) >= self.MAX_CATEGORY_POOL:
+                    break
+        if wanted in ranking.by_category or len(ranking.by_category) < self.MAX_CACHED_CATEGORIES:
+            ranking.by_category[wanted] = (now, pool)
+        return pool

@@ -1,0 +1,406 @@
+"""Trending without Kafka (docs/design.md, "Trending is the topic's"): the decay by record
+time, bounded counts, snapshots of the owned partitions merged into one answer that two
+workers give alike, gained partitions seeded from the topic, category paths, unavailable
+items, and hostile trending-topic records ignored with a reason."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from stream_app import metrics
+from stream_app.config import Settings
+from stream_app.pipeline.catalog import Catalog
+from stream_app.pipeline.events import TS_MAX, TS_MIN, Event
+from stream_app.pipeline.processor import BatchProcessor, Message
+from stream_app.pipeline.trending import COUNTED, Decayed, Trending, category_path, in_category
+from stream_app.pipeline.trending_topic import (MAX_SNAPSHOT_ITEMS, MAX_VALUE_BYTES, REASONS, Snapshot,
+                                                encode_snapshot, parse_snapshot, publish, snapshot_key)
+from stream_app.serving.recommender import CoOccurrenceRecommender
+
+T0 = 1_767_225_600.0
+LN2 = math.log(2)
+
+
+def ev(item: str, etype: str = "view", user: str = "u") -> Event:
+    return Event(f"e-{item}-{random.random()}", user, etype, T0, item)
+
+
+def at(partition: int, t: float) -> SimpleNamespace:
+    return SimpleNamespace(partition=partition, timestamp=t)
+
+
+def trending(partitions: int = 4, half_life_s: float = 100.0, **kwargs) -> Trending:
+    kwargs.setdefault("wall", lambda: T0 + 10**6)
+    kwargs.setdefault("cache_s", 0.0)  # each answer sees the latest snapshots (caching has its own test)
+    return Trending(partitions, half_life_s, **kwargs)
+
+
+def weights(t: Trending, partition: int) -> dict[str, float]:
+    """The weights a snapshot of `partition` taken now would carry."""
+    return dict(t.live[partition].snapshot(t.keep, t.newest).items)
+
+
+def exchange(*workers: Trending) -> None:
+    """What the topic does: every worker's snapshots reach every worker, in one order."""
+    records = [(snapshot_key(p), v) for w in workers for p, v in w.take_snapshots()]
+    for w in workers:
+        for key, value in records:
+            assert w.apply(key, value)
+
+
+# --- decay -----------------------------------------------------------------------------
+
+def test_a_half_life_halves_a_weight():
+    t = trending(half_life_s=100.0)
+    t.assign([0])
+    t.seed(t.gains)
+    t.observe(ev("a"), at(0, T0))
+    assert weights(t, 0) == pytest.approx({"a": 1.0})
+    t.observe(ev("b"), at(0, T0 + 100))
+    assert weights(t, 0) == pytest.approx({"a": 0.5, "b": 1.0}, rel=1e-9)
+    t.observe(ev("b"), at(0, T0 + 300))
+    assert weights(t, 0) == pytest.approx({"a": 0.125, "b": 1.25}, rel=1e-9)
+
+
+def test_recent_beats_frequent_long_ago():
+    counts = Decayed(LN2 / 60, 1000)
+    for _ in range(3):
+        counts.add("old", 0.0, T0)  # three events two half-lives before: 0.75 now
+    counts.add("new", 0.0, T0 + 120)
+    counts.add("tie-early", 0.0, T0 + 60)
+    counts.add("tie-late", 0.0, T0 + 61)
+    got = counts.snapshot(10, T0 + 120)
+    assert [i for i, _ in got.items] == ["new", "old", "tie-late", "tie-early"]
+    assert dict(got.items)["old"] == pytest.approx(0.75, rel=1e-9)
+
+
+@pytest.mark.parametrize("half_life_s", [1.0, 3600.0])
+def test_no_overflow_over_a_century(half_life_s):
+    """Events from 2000 to 2100 (every time an event may carry), 100,000 on one item: no
+    overflow, and the weights are still right to the precision the docstring promises."""
+    counts = Decayed(LN2 / half_life_s, 1000)
+    counts.add("first", 0.0, TS_MIN)
+    for n in range(100_000):
+        counts.add("hot", 0.0, TS_MAX - 1e-3 * n)
+    counts.add("last", 0.0, TS_MAX)
+    got = dict(counts.snapshot(10, TS_MAX).items)
+    assert all(math.isfinite(x) for x in counts.logs.values())
+    expected = sum(2 ** (-1e-3 * n / half_life_s) for n in range(100_000))
+    assert got["hot"] == pytest.approx(expected, rel=1e-8)
+    assert got["last"] == pytest.approx(1.0, rel=1e-8)
+    assert "first" not in got  # a century of half-lives later it weighs nothing, and is left out
+
+
+def test_counts_are_bounded_and_keep_the_strongest():
+    t = trending(max_items=100, keep=10)
+    t.assign([0])
+    t.seed(t.gains)
+    for _ in range(50):
+        t.observe(ev("hot"), at(0, T0))
+    sizes = []
+    for n in range(1000):
+        t.observe(ev(f"i{n}"), at(0, T0 + n / 1000))
+        sizes.append(len(t.live[0]))
+    assert max(sizes) <= 100 and min(sizes[100:]) >= 50
+    top = t.live[0].snapshot(10, t.newest).items
+    assert top[0][0] == "hot" and [i for i, _ in top[1:4]] == ["i999", "i998", "i997"]
+
+
+def test_only_item_events_count():
+    t = trending()
+    t.assign([0])
+    for etype in ("search", "forget", "dismiss", "like"):
+        t.observe(Event("x", "u", etype, T0, "a"), at(0, T0))
+    t.observe(Event("x", "u", "view", T0, None), at(0, T0))  # no item
+    t.observe(ev("a"), at(-1, T0))  # no partition
+    t.observe(ev("a"), at(9, T0))  # not an input partition
+    assert len(t.live[0]) == 0 and set(COUNTED) == {"view", "click", "add_to_cart", "purchase"}
+    for etype in COUNTED:
+        t.observe(ev("a", etype), at(0, T0))
+    assert weights(t, 0)["a"] == pytest.approx(4.0)
+
+
+def test_a_record_time_from_the_future_counts_as_now():
+    t = trending(wall=lambda: T0)
+    t.assign([0])
+    t.seed(t.gains)
+    t.observe(ev("a"), at(0, T0 + 10**8))  # a producer's clock years ahead
+    assert t.newest == T0 + 300  # FUTURE_SKEW_S, as the stream clock caps it
+
+
+# --- merge ----------------------------------------------------------------------------
+
+def offline(events: list[tuple[str, float]], half_life_s: float) -> dict[str, float]:
+    """(item, record time) -> each item's weight at the newest time, by the definition."""
+    now = max(t for _, t in events)
+    out: dict[str, float] = {}
+    for item, t in events:
+        out[item] = out.get(item, 0.0) + 2 ** (-(now - t) / half_life_s)
+    return out
+
+
+def test_two_workers_give_the_same_answer_as_an_offline_count():
+    rng = random.Random(3)
+    a, b = trending(partitions=4), trending(partitions=4)
+    a.assign([0, 1]), b.assign([2, 3])
+    exchange(a, b)  # nothing to publish yet: both seeded from an empty topic
+    for w in (a, b):
+        w.seed(w.gains)
+    sent = []
+    for n in range(2000):
+        item, partition, t = f"i{int(rng.paretovariate(1.2)) % 40}", rng.randrange(4), T0 + n * 0.5
+        (a if partition < 2 else b).observe(ev(item), at(partition, t))
+        sent.append((item, t))
+    assert a.top(10) == b.top(10) == []  # live counts answer nothing until published
+    exchange(a, b)
+    assert a.top(40) == b.top(40)  # identical, floats included
+    expected = offline(sent, 100.0)
+    got = dict(a.top(40))
+    assert got == pytest.approx(expected, rel=1e-9)
+    ranked = sorted(expected, key=lambda i: (-expected[i], i))
+    assert [i for i, _ in a.top(10)] == ranked[:10]
+    assert a.as_of == b.as_of == max(t for _, t in sent)
+
+
+def test_snapshots_are_decayed_to_the_newest_one():
+    t = trending(partitions=2)
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, (("a", 4.0),))))
+    t.apply(b"p1", encode_snapshot(Snapshot(T0 + 200, (("a", 1.0), ("b", 1.5)))))
+    assert t.top(5) == [("a", pytest.approx(2.0)), ("b", pytest.approx(1.5))]
+    assert t.as_of == T0 + 200
+    t.apply(b"p1", None)  # a tombstone clears the partition
+    assert t.top(5) == [("a", 4.0)] and t.as_of == T0
+
+
+def test_a_gained_partition_starts_from_its_newest_snapshot():
+    old, new = trending(partitions=2), trending(partitions=2)
+    old.assign([0, 1]), new.assign([])
+    old.seed(old.gains)
+    old.observe(ev("a"), at(1, T0))
+    old.observe(ev("a"), at(1, T0))
+    exchange(old, new)
+    old.observe(ev("b"), at(1, T0 + 1))  # counted by old after its last publish ...
+    exchange(old, new)  # ... and published at revocation
+    old.assign([0]), new.assign([1])  # the rebalance
+    assert 1 not in old.live and 1 in old.snapshots
+    new.observe(ev("c"), at(1, T0 + 2))  # an event before the topic was read that far
+    assert new.take_snapshots() == []  # not published unseeded: it would erase the others
+    assert new.seed(new.gains) == [1]
+    got = dict(new.live[1].snapshot(10, T0 + 2).items)
+    assert got == pytest.approx({"a": 2 * 2 ** -0.02, "b": 2 ** -0.01, "c": 1.0})
+    exchange(old, new)
+    assert old.top(3) == new.top(3) and [i for i, _ in new.top(3)] == ["a", "c", "b"]
+
+
+def test_failed_sends_are_published_again():
+    t = trending(partitions=2)
+    t.assign([0, 1])
+    t.seed(t.gains)
+    t.observe(ev("a"), at(0, T0)), t.observe(ev("b"), at(1, T0))
+    sent = []
+
+    async def flaky(key: bytes, value: bytes) -> None:
+        if key == b"p1" and "failed once" not in sent:
+            sent.append("failed once")
+            raise ConnectionError("broker away")
+        sent.append(key)
+
+    assert asyncio.run(publish(t, flaky)) == 1
+    assert asyncio.run(publish(t, flaky)) == 1  # p1 again; p0 unchanged, not resent
+    assert sent == [b"p0", "failed once", b"p1"]
+    assert asyncio.run(publish(t, flaky)) == 0
+
+
+def test_an_oversized_snapshot_is_trimmed_to_fit():
+    items = tuple((f"{n:0>128}", float(MAX_SNAPSHOT_ITEMS - n)) for n in range(MAX_SNAPSHOT_ITEMS))
+    value = encode_snapshot(Snapshot(T0, items))
+    assert len(value) <= MAX_VALUE_BYTES
+    _, snapshot = parse_snapshot(b"p0", value, 1, T0)
+    assert 0 < len(snapshot.items) < len(items) and snapshot.items == items[:len(snapshot.items)]
+
+
+def test_the_ranking_is_cached_briefly():
+    now = [0.0]
+    t = trending(partitions=2, clock=lambda: now[0], cache_s=1.0)
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, (("a", 1.0),))))
+    assert t.top(5) == [("a", 1.0)]
+    t.apply(b"p1", encode_snapshot(Snapshot(T0, (("b", 2.0),))))
+    assert t.top(5) == [("a", 1.0)]  # within cache_s
+    now[0] = 1.5
+    assert t.top(5) == [("b", 2.0), ("a", 1.0)]
+
+
+# --- category and availability ------------------------------------------------------------
+
+def test_category_paths():
+    assert category_path(" Beauty > Skin Care|Cleansers / Foam ") == ("beauty", "skin care", "cleansers", "foam")
+    want = category_path("beauty > skin care")
+    assert in_category("Beauty > Skin Care", want) and in_category("Beauty/Skin Care/Cleansers", want)
+    assert not in_category("Beauty > Skin", want) and not in_category("Skin Care", want)
+    assert not in_category("Beauty", want) and not in_category(None, want) and not in_category("", want)
+    assert not in_category("Beauty", category_path(" > "))
+
+
+def catalog_with(rows: dict[str, dict]) -> Catalog:
+    catalog = Catalog()
+    for item_id, row in rows.items():
+        assert catalog.apply(item_id.encode(), json.dumps({"item_id": item_id, **row}).encode())
+    return catalog
+
+
+def test_categories_and_unavailable_items():
+    catalog = catalog_with({"cream": {"category": "Beauty > Skin Care"},
+                            "soap": {"category": "Beauty > Skin Care > Cleansers"},
+                            "lipstick": {"category": "Beauty|Makeup"},
+                            "ball": {"category": "Sports"}, "gone": {"category": "Beauty", "available": False}})
+    t = trending(partitions=1, catalog=catalog)
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, (("gone", 9.0), ("ball", 8.0), ("soap", 7.0), ("unknown", 6.5),
+                                                 ("lipstick", 6.0), ("cream", 5.0)))))
+    assert [i for i, _ in t.top(10)] == ["ball", "soap", "unknown", "lipstick", "cream"]
+    assert [i for i, _ in t.top(2)] == ["ball", "soap"]
+    assert [i for i, _ in t.top(10, "beauty")] == ["soap", "lipstick", "cream"]
+    assert [(e.item_id, e.category) for e in t.trends(10, "Beauty / Skin Care")] == \
+        [("soap", "Beauty > Skin Care > Cleansers"), ("cream", "Beauty > Skin Care")]
+    assert t.top(10, "Skin Care") == [] and t.top(10, "Garden") == []
+    assert catalog.apply(b"soap", None)  # withdrawn while the answers are cached
+    assert "soap" not in dict(t.top(10)) and "soap" not in dict(t.top(10, "Beauty"))
+
+
+# --- hostile records -----------------------------------------------------------------------
+
+def j(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+GOOD = {"v": 1, "t": T0, "items": [["a", 1.0]]}
+HOSTILE = [
+    ("no_key", None, j(GOOD), "bad_key"),
+    ("empty_key", b"", j(GOOD), "bad_key"),
+    ("not_p", b"x1", j(GOOD), "bad_key"),
+    ("leading_zero", b"p01", j(GOOD), "bad_key"),
+    ("negative", b"p-1", j(GOOD), "bad_key"),
+    ("not_utf8_key", b"p\xff", j(GOOD), "bad_key"),
+    ("huge_key", b"p" + b"1" * 10_000, j(GOOD), "bad_key"),
+    ("str_key", "p0", j(GOOD), "bad_key"),
+    ("out_of_range", b"p4", j(GOOD), "bad_partition"),
+    ("far_out_of_range", b"p999999", j(GOOD), "bad_partition"),
+    ("huge_value", b"p0", j({**GOOD, "pad": "x" * MAX_VALUE_BYTES}), "too_large"),
+    ("too_many_items", b"p0", j({**GOOD, "items": [["a", 1.0]] * (MAX_SNAPSHOT_ITEMS + 1)}), "too_large"),
+    ("not_json", b"p0", b"{v: 1}", "invalid_json"),
+    ("not_utf8", b"p0", b'{"v":1,"t":1767225600,"items":[["\xff",1]]}', "invalid_json"),
+    ("nan_weight", b"p0", b'{"v":1,"t":1767225600,"items":[["a",NaN]]}', "invalid_json"),
+    ("inf_weight", b"p0", b'{"v":1,"t":1767225600,"items":[["a",1e999]]}', "invalid_json"),
+    ("deep", b"p0", b"[" * 600_000 + b"]" * 600_000, "too_large"),
+    ("deep_under_cap", b"p0", b"[" * 5_000 + b"]" * 5_000, "invalid_json"),
+    ("pickle", b"p0", b"\x80\x04K\x01.", "invalid_json"),
+    ("list", b"p0", j([GOOD]), "not_object"),
+    ("null", b"p0", b"null", "not_object"),
+    ("no_version", b"p0", j({"t": T0, "items": []}), "unknown_version"),
+    ("version_true", b"p0", j({**GOOD, "v": True}), "unknown_version"),
+    ("version_2", b"p0", j({**GOOD, "v": 2}), "unknown_version"),
+    ("no_time", b"p0", j({"v": 1, "items": []}), "bad_time"),
+    ("time_string", b"p0", j({**GOOD, "t": "now"}), "bad_time"),
+    ("time_ms", b"p0", j({**GOOD, "t": T0 * 1000}), "bad_time"),
+    ("time_1970", b"p0", j({**GOOD, "t": 0}), "bad_time"),
+    ("time_bool", b"p0", j({**GOOD, "t": True}), "bad_time"),
+    ("items_missing", b"p0", j({"v": 1, "t": T0}), "wrong_shape"),
+    ("items_dict", b"p0", j({**GOOD, "items": {"a": 1}}), "wrong_shape"),
+    ("item_not_pair", b"p0", j({**GOOD, "items": [["a"]]}), "wrong_shape"),
+    ("item_triple", b"p0", j({**GOOD, "items": [["a", 1, 2]]}), "wrong_shape"),
+    ("item_id_number", b"p0", j({**GOOD, "items": [[1, 1.0]]}), "wrong_shape"),
+    ("item_id_empty", b"p0", j({**GOOD, "items": [["", 1.0]]}), "wrong_shape"),
+    ("item_id_long", b"p0", j({**GOOD, "items": [["x" * 129, 1.0]]}), "wrong_shape"),
+    ("item_dict", b"p0", j({**GOOD, "items": [{"item_id": "a", "w": 1}]}), "wrong_shape"),
+    ("negative_weight", b"p0", j({**GOOD, "items": [["a", -1.0]]}), "bad_weight"),
+    ("huge_weight", b"p0", j({**GOOD, "items": [["a", 1e300]]}), "bad_weight"),
+    ("bool_weight", b"p0", j({**GOOD, "items": [["a", True]]}), "bad_weight"),
+    ("string_weight", b"p0", j({**GOOD, "items": [["a", "1"]]}), "bad_weight"),
+    ("null_weight", b"p0", j({**GOOD, "items": [["a", None]]}), "bad_weight"),
+]
+
+
+def test_hostile_cases_cover_every_reason_but_internal():
+    assert {reason for *_, reason in HOSTILE} == set(REASONS) - {"internal"}
+
+
+@pytest.mark.parametrize("name,key,value,reason", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_record_is_ignored_and_the_partition_keeps_its_snapshot(name, key, value, reason):
+    t = trending(partitions=4, wall=lambda: T0)
+    assert t.apply(b"p0", j(GOOD))
+    before = metrics.TRENDING_REJECTED.labels(reason)._value.get()
+    assert t.apply(key, value) is False
+    assert metrics.TRENDING_REJECTED.labels(reason)._value.get() == before + 1
+    assert t.top(5) == [("a", 1.0)]
+
+
+def test_a_snapshot_from_far_in_the_future_is_refused():
+    """One record stamped years ahead would otherwise decay every other partition to nothing."""
+    t = trending(partitions=2, wall=lambda: T0)
+    assert t.apply(b"p0", j(GOOD))
+    assert not t.apply(b"p1", j({**GOOD, "t": T0 + 86_400 * 365, "items": [["b", 1.0]]}))
+    assert t.apply(b"p1", j({**GOOD, "t": T0 + 600, "items": [["b", 1.0]]}))  # within an hour: a skewed clock
+    assert [i for i, _ in t.top(5)] == ["b", "a"]
+
+
+def test_ten_thousand_hostile_records_log_one_line_per_reason(caplog):
+    now = [0.0]
+    t = trending(partitions=4, clock=lambda: now[0], wall=lambda: T0)
+    with caplog.at_level(logging.WARNING, logger="stream_app.pipeline.trending"):
+        for n in range(10_000):
+            name, key, value, _ = HOSTILE[n % len(HOSTILE)]
+            if name not in ("huge_value", "too_many_items", "deep"):  # the big ones once each below
+                t.apply(key, value)
+        for _, key, value, _ in HOSTILE:
+            t.apply(key, value)
+        now[0] = 61.0
+        t.apply(b"p9", j(GOOD))
+    reasons = [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records]
+    assert sorted(reasons) == sorted([*set(reasons), "bad_partition"])
+    assert "more since the last such line" in caplog.records[-1].getMessage()
+    assert t.apply(b"p0", j(GOOD)) and t.top(1) == [("a", 1.0)]
+
+
+def test_an_internal_error_is_counted_and_contained(monkeypatch):
+    import stream_app.pipeline.trending as module
+
+    def broken(*args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(module, "parse_snapshot", broken)
+    t = trending()
+    before = metrics.TRENDING_REJECTED.labels("internal")._value.get()
+    assert t.apply(b"p0", j(GOOD)) is False
+    assert metrics.TRENDING_REJECTED.labels("internal")._value.get() == before + 1
+
+
+# --- the processor's one call ---------------------------------------------------------------
+
+def test_the_processor_counts_accepted_events_once():
+    settings = Settings(partitions=2)
+    t = Trending.of(settings)
+    proc = BatchProcessor(settings, CoOccurrenceRecommender(), trending=t)
+    t.assign([0])
+    t.seed(t.gains)
+
+    def m(n: int, item: str, etype: str = "view") -> Message:
+        body = {"event_id": f"e{n}", "user_id": "u1", "type": etype, "ts": T0, "item_id": item}
+        if etype == "search":
+            body = {**body, "query": "q"}
+            del body["item_id"]
+        return Message(b"u1", json.dumps(body).encode(), T0 + n, partition=0, offset=n)
+
+    store: dict = {}
+    batch = [m(0, "a"), m(1, "a"), m(2, "b", "purchase"), m(3, "", "search")]
+    out = proc.process(batch, store.get)
+    store.update({u: v for u, (_, v) in out.writes.items()})
+    proc.process([m(0, "a"), m(1, "a")], store.get)  # redelivered: duplicates, not counted again
+    assert weights(t, 0) == pytest.approx({"a": 2.0, "b": 1.0}, rel=1e-3)
+    assert Settings().trending_max_items >= 2 * Settings().trending_keep
+    with pytest.raises(ValueError, match="STREAMREC_TRENDING_MAX_ITEMS"):
+        Settings(trending_keep=1000, trending_max_items=1500)
