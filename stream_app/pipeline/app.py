@@ -290,7 +290,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings),
                              on_reject=catalog_dead_letter)
 
-    trending_topic.install(app, settings, trending, app.topic(settings.trending_topic, **RAW), fence)
+    trending_topic.install(app, settings, trending, app.topic(settings.trending_topic, **RAW), fence,
+                           on_reject=lambda key, value, reason: dead_letter(
+                               Message(key, value, 0.0), reason, trending.last_detail or reason, b"trending"))
 
     @app.timer(settings.ttl_sweep_s)
     async def expire_idle_users() -> None:
@@ -329,7 +331,6 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         export_memory(users)
         owned_partitions(app, settings.events_topic)
         export_lag(app, settings.events_topic)
-        trending.export()
 
     @app.on_partitions_revoked.connect
     async def drop_revoked_lag(app, revoked, **kwargs) -> None:  # at once, not at the next gauges tick
@@ -341,7 +342,6 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     @app.on_partitions_assigned.connect
     async def refill_latest(app, assigned, **kwargs) -> None:  # docs/design.md, "Lookups survive restarts"
         refills.assigned(tp.partition for tp in assigned if tp.topic == settings.events_topic)
-        trending.assign(tp.partition for tp in assigned if tp.topic == settings.events_topic)
 
     pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
                   failing=lambda: backoff.last_error if backoff.failing else None)

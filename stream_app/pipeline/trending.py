@@ -172,6 +172,8 @@ class Trending:
         self._version = 0
         self._ranking: Ranking | None = None
         self._throttle = Throttle(log_interval_s, clock, log)
+        self.last_reason: str | None = None  # why the last apply() returned False (None: applied)
+        self.last_detail: str | None = None
         self.loaded = asyncio.Event()  # the topic was read to the end it had at start
 
     @classmethod
@@ -257,6 +259,7 @@ class Trending:
         """One trending-topic record; True if applied. Never raises for a record: a bad one
         is counted, logged (throttled) and ignored, and its partition keeps the snapshot it
         had. MemoryError propagates."""
+        self.last_reason = self.last_detail = None
         try:
             partition, snapshot = parse_snapshot(key, value, self.partitions, self.wall())
         except Rejected as exc:
@@ -274,6 +277,7 @@ class Trending:
         return True
 
     def _reject(self, reason: str, detail: str, exc: BaseException | None = None) -> bool:
+        self.last_reason, self.last_detail = reason, detail
         metrics.TRENDING_REJECTED.labels(reason).inc()
         self._throttle.warn(reason, f"trending record ignored ({reason}): {detail}", exc)
         return False

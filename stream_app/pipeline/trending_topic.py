@@ -150,6 +150,7 @@ def _entry(entry: Any) -> tuple[str, float]:
 
 
 Send = Callable[[bytes, bytes], Awaitable[Any]]  # (key, value); raises if the record was not sent
+OnReject = Callable[[Any, Any, str], Awaitable[None]]  # (key, value, reason), e.g. a dead letter
 
 
 async def publish(trending: Trending, send: Send, partitions: Iterable[int] | None = None) -> int:
@@ -167,15 +168,17 @@ async def publish(trending: Trending, send: Send, partitions: Iterable[int] | No
 
 
 async def follow(trending: Trending, bootstrap: str, topic: str, options: dict[str, Any] | None = None,
-                 poll_ms: int = 200) -> None:
+                 on_reject: OnReject | None = None, poll_ms: int = 200) -> None:
     """Apply every record of the trending topic, forever (an app task). A failure (the
     broker away, the topic missing) is retried after a backoff, from where it had read.
 
-    `options`: security arguments from stream_app.transport.security.aiokafka_options."""
+    `options`: security arguments from stream_app.transport.security.aiokafka_options.
+    `on_reject`: awaited for each record ignored (the compacted topic replays it at every
+    start, so it sees it again after each restart); its failure is logged, never fatal."""
     backoff, positions = Backoff(), {}
     while True:
         try:
-            await _follow(trending, bootstrap, topic, options, positions, backoff, poll_ms)
+            await _follow(trending, bootstrap, topic, options, positions, backoff, poll_ms, on_reject)
         except (asyncio.CancelledError, MemoryError):
             raise
         except Exception as exc:
@@ -185,7 +188,7 @@ async def follow(trending: Trending, bootstrap: str, topic: str, options: dict[s
 
 
 async def _follow(trending: Trending, bootstrap: str, topic: str, options: dict[str, Any] | None,
-                  positions: dict[int, int], backoff: Backoff, poll_ms: int) -> None:
+                  positions: dict[int, int], backoff: Backoff, poll_ms: int, on_reject: OnReject | None) -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -207,7 +210,8 @@ async def _follow(trending: Trending, bootstrap: str, topic: str, options: dict[
         while True:
             for tp, records in (await consumer.getmany(timeout_ms=poll_ms, max_records=1000)).items():
                 for record in records:
-                    trending.apply(record.key, record.value)
+                    if not trending.apply(record.key, record.value) and on_reject is not None:
+                        await _rejected(trending, on_reject, record)
                 if records:
                     positions[tp.partition] = records[-1].offset + 1
             backoff.succeeded()
@@ -225,6 +229,15 @@ async def _follow(trending: Trending, bootstrap: str, topic: str, options: dict[
         await consumer.stop()
 
 
+async def _rejected(trending: Trending, on_reject: OnReject, record: Any) -> None:
+    try:
+        await on_reject(record.key, record.value, trending.last_reason or "internal")
+    except MemoryError:
+        raise
+    except Exception as exc:
+        log.warning("trending on_reject failed: %s", describe(exc))
+
+
 async def _reached(consumer: Any, ends: dict) -> bool:
     for tp, end in ends.items():
         if await consumer.position(tp) < end:
@@ -232,9 +245,11 @@ async def _reached(consumer: Any, ends: dict) -> bool:
     return True
 
 
-def install(app: "faust.App", settings: Settings, trending: "Trending", topic: "faust.TopicT", fence: "Fence") -> None:
-    """The worker's side: a timer that publishes, a task that follows, and a publish of
-    the revoked partitions at each revocation (assignments reach `trending.assign`)."""
+def install(app: "faust.App", settings: Settings, trending: "Trending", topic: "faust.TopicT", fence: "Fence",
+            on_reject: OnReject | None = None) -> None:
+    """The worker's side: a timer that publishes, a task that follows (`on_reject` for each
+    record ignored), the owned partitions at each assignment, and a publish of the revoked
+    ones at each revocation."""
     async def send(key: bytes, value: bytes) -> None:
         await (await topic.send(key=key, value=value, force=True))  # delivered, or raises
 
@@ -250,7 +265,16 @@ def install(app: "faust.App", settings: Settings, trending: "Trending", topic: "
     async def follow_trending() -> None:
         from stream_app.transport.security import aiokafka_options
 
-        await follow(trending, settings.bootstrap_servers, settings.trending_topic, aiokafka_options(settings))
+        await follow(trending, settings.bootstrap_servers, settings.trending_topic, aiokafka_options(settings),
+                     on_reject)
+
+    @app.timer(5.0)
+    async def trending_gauges() -> None:
+        trending.export()
+
+    @app.on_partitions_assigned.connect
+    async def assign_trending(app, assigned, **kwargs) -> None:
+        trending.assign(tp.partition for tp in assigned if tp.topic == settings.events_topic)
 
     @app.on_partitions_revoked.connect
     async def publish_revoked_trending(app, revoked, **kwargs) -> None:

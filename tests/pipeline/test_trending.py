@@ -339,6 +339,22 @@ def test_hostile_record_is_ignored_and_the_partition_keeps_its_snapshot(name, ke
     assert t.top(5) == [("a", 1.0)]
 
 
+def test_published_snapshots_validate_and_hostile_ones_do_not():
+    from tests.contract_schemas import errors, record
+
+    t = trending(partitions=1)
+    t.assign([0])
+    t.seed(t.gains)
+    for n in range(30):
+        t.observe(ev(f"i{n % 7}"), at(0, T0 + n))
+    (_, value), = t.take_snapshots()
+    assert not errors(record("trending-snapshot"), json.loads(value))
+    schema_blind = {"bad_key", "bad_partition", "invalid_json", "too_large"}  # bytes, keys, sizes
+    for name, _, value, reason in HOSTILE:
+        if reason not in schema_blind and name != "time_ms":  # the reader's clock: not a schema's
+            assert errors(record("trending-snapshot"), json.loads(value)), name
+
+
 def test_a_snapshot_from_far_in_the_future_is_refused():
     """One record stamped years ahead would otherwise decay every other partition to nothing."""
     t = trending(partitions=2, wall=lambda: T0)
