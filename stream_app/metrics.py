@@ -117,6 +117,9 @@ CATALOG_REJECTED = Counter("streamrec_catalog_rejected_total",
 TRENDING_ITEMS = Gauge("streamrec_trending_items", "Items trending holds, by kind: live (counts of the owned "
                        "input partitions) or snapshot (the newest snapshot of every partition, which answer).",
                        ["kind"], registry=REGISTRY)
+TRENDING_AS_OF = Gauge("streamrec_trending_as_of_timestamp_seconds", "Stream time the trending answer is decayed "
+                       "to: the newest snapshot's (0 = none read yet); now minus it is how stale trending is.",
+                       registry=REGISTRY)
 TRENDING_SNAPSHOTS = Counter("streamrec_trending_snapshots_total", "Trending snapshots, by outcome: published "
                              "(this worker's partitions) or applied (read from the trending topic).", ["outcome"],
                              registry=REGISTRY)

@@ -263,6 +263,7 @@ class Trending:
         try:
             partition, snapshot = parse_snapshot(key, value, self.partitions, self.wall())
         except Rejected as exc:
+            self._owner_answers(exc.partition)
             return self._reject(exc.reason, exc.detail)
         except MemoryError:
             raise
@@ -270,11 +271,18 @@ class Trending:
             return self._reject("internal", f"{type(exc).__name__}: {exc}", exc)
         if snapshot is None:
             self.snapshots.pop(partition, None)
+            self._owner_answers(partition)
         else:
             self.snapshots[partition] = snapshot
         self._version += 1
         metrics.TRENDING_SNAPSHOTS.labels("applied").inc()
         return True
+
+    def _owner_answers(self, partition: int | None) -> None:
+        """A tombstone or a refused record keyed by a partition this worker owns: publish its
+        counts again, so compaction keeps them rather than what came last."""
+        if partition in self.live:
+            self.live[partition].dirty = True
 
     def _reject(self, reason: str, detail: str, exc: BaseException | None = None) -> bool:
         self.last_reason, self.last_detail = reason, detail
@@ -285,6 +293,7 @@ class Trending:
     def export(self) -> None:
         metrics.TRENDING_ITEMS.labels("live").set(sum(map(len, self.live.values())))
         metrics.TRENDING_ITEMS.labels("snapshot").set(sum(len(s.items) for s in self.snapshots.values()))
+        metrics.TRENDING_AS_OF.set(self.as_of or 0.0)
 
     # --- the answer --------------------------------------------------------------------------
 

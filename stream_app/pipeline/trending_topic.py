@@ -69,12 +69,14 @@ for _o in ("published", "applied"):
 
 
 class Rejected(Exception):
-    """A record that breaks the snapshot contract: a reason from REASONS and a detail."""
+    """A record that breaks the snapshot contract: a reason from REASONS and a detail;
+    `partition` is the key's partition when the key itself was valid."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", partition: int | None = None) -> None:
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail[:200].encode("utf-8", "backslashreplace").decode()
+        self.partition = partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,14 @@ def parse_snapshot(key: Any, value: Any, partitions: int, wall: float) -> tuple[
         raise Rejected("bad_partition", f"partition {partition} >= {partitions} input partitions")
     if value is None or (isinstance(value, (bytes, bytearray, memoryview)) and not len(value)):
         return partition, None
+    try:
+        return partition, _snapshot(value, wall)
+    except Rejected as exc:
+        exc.partition = partition
+        raise
+
+
+def _snapshot(value: Any, wall: float) -> Snapshot:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise Rejected("wrong_shape", f"value is {type(value).__name__}, not bytes")
     if len(value) > MAX_VALUE_BYTES:
@@ -136,7 +146,7 @@ def parse_snapshot(key: Any, value: Any, partitions: int, wall: float) -> tuple[
         raise Rejected("wrong_shape", "items is not a list")
     if len(items) > MAX_SNAPSHOT_ITEMS:
         raise Rejected("too_large", f"{len(items)} items > {MAX_SNAPSHOT_ITEMS}")
-    return partition, Snapshot(t, tuple(_entry(e) for e in items))
+    return Snapshot(t, tuple(_entry(e) for e in items))
 
 
 def _entry(entry: Any) -> tuple[str, float]:

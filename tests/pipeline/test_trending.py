@@ -1,26 +1,22 @@
 """Trending without Kafka (docs/design.md, "Trending is the topic's"): the decay by record
 time, bounded counts, snapshots of the owned partitions merged into one answer that two
 workers give alike, gained partitions seeded from the topic, category paths, unavailable
-items, and hostile trending-topic records ignored with a reason."""
+items, and the processor's one call. The topic's records: tests/pipeline/test_trending_topic.py."""
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import math
 import random
 from types import SimpleNamespace
 
 import pytest
 
-from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.pipeline.catalog import Catalog
 from stream_app.pipeline.events import TS_MAX, TS_MIN, Event
 from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.trending import COUNTED, Decayed, Trending, category_path, in_category
-from stream_app.pipeline.trending_topic import (MAX_SNAPSHOT_ITEMS, MAX_VALUE_BYTES, REASONS, Snapshot,
-                                                encode_snapshot, parse_snapshot, publish, snapshot_key)
+from stream_app.pipeline.trending_topic import Snapshot, encode_snapshot, snapshot_key
 from stream_app.serving.recommender import CoOccurrenceRecommender
 
 T0 = 1_767_225_600.0
@@ -198,33 +194,6 @@ def test_a_gained_partition_starts_from_its_newest_snapshot():
     assert old.top(3) == new.top(3) and [i for i, _ in new.top(3)] == ["a", "c", "b"]
 
 
-def test_failed_sends_are_published_again():
-    t = trending(partitions=2)
-    t.assign([0, 1])
-    t.seed(t.gains)
-    t.observe(ev("a"), at(0, T0)), t.observe(ev("b"), at(1, T0))
-    sent = []
-
-    async def flaky(key: bytes, value: bytes) -> None:
-        if key == b"p1" and "failed once" not in sent:
-            sent.append("failed once")
-            raise ConnectionError("broker away")
-        sent.append(key)
-
-    assert asyncio.run(publish(t, flaky)) == 1
-    assert asyncio.run(publish(t, flaky)) == 1  # p1 again; p0 unchanged, not resent
-    assert sent == [b"p0", "failed once", b"p1"]
-    assert asyncio.run(publish(t, flaky)) == 0
-
-
-def test_an_oversized_snapshot_is_trimmed_to_fit():
-    items = tuple((f"{n:0>128}", float(MAX_SNAPSHOT_ITEMS - n)) for n in range(MAX_SNAPSHOT_ITEMS))
-    value = encode_snapshot(Snapshot(T0, items))
-    assert len(value) <= MAX_VALUE_BYTES
-    _, snapshot = parse_snapshot(b"p0", value, 1, T0)
-    assert 0 < len(snapshot.items) < len(items) and snapshot.items == items[:len(snapshot.items)]
-
-
 def test_the_ranking_is_cached_briefly():
     now = [0.0]
     t = trending(partitions=2, clock=lambda: now[0], cache_s=1.0)
@@ -270,129 +239,6 @@ def test_categories_and_unavailable_items():
     assert t.top(10, "Skin Care") == [] and t.top(10, "Garden") == []
     assert catalog.apply(b"soap", None)  # withdrawn while the answers are cached
     assert "soap" not in dict(t.top(10)) and "soap" not in dict(t.top(10, "Beauty"))
-
-
-# --- hostile records -----------------------------------------------------------------------
-
-def j(obj) -> bytes:
-    return json.dumps(obj).encode()
-
-
-GOOD = {"v": 1, "t": T0, "items": [["a", 1.0]]}
-HOSTILE = [
-    ("no_key", None, j(GOOD), "bad_key"),
-    ("empty_key", b"", j(GOOD), "bad_key"),
-    ("not_p", b"x1", j(GOOD), "bad_key"),
-    ("leading_zero", b"p01", j(GOOD), "bad_key"),
-    ("negative", b"p-1", j(GOOD), "bad_key"),
-    ("not_utf8_key", b"p\xff", j(GOOD), "bad_key"),
-    ("huge_key", b"p" + b"1" * 10_000, j(GOOD), "bad_key"),
-    ("str_key", "p0", j(GOOD), "bad_key"),
-    ("out_of_range", b"p4", j(GOOD), "bad_partition"),
-    ("far_out_of_range", b"p999999", j(GOOD), "bad_partition"),
-    ("huge_value", b"p0", j({**GOOD, "pad": "x" * MAX_VALUE_BYTES}), "too_large"),
-    ("too_many_items", b"p0", j({**GOOD, "items": [["a", 1.0]] * (MAX_SNAPSHOT_ITEMS + 1)}), "too_large"),
-    ("not_json", b"p0", b"{v: 1}", "invalid_json"),
-    ("not_utf8", b"p0", b'{"v":1,"t":1767225600,"items":[["\xff",1]]}', "invalid_json"),
-    ("nan_weight", b"p0", b'{"v":1,"t":1767225600,"items":[["a",NaN]]}', "invalid_json"),
-    ("inf_weight", b"p0", b'{"v":1,"t":1767225600,"items":[["a",1e999]]}', "invalid_json"),
-    ("deep", b"p0", b"[" * 600_000 + b"]" * 600_000, "too_large"),
-    ("deep_under_cap", b"p0", b"[" * 5_000 + b"]" * 5_000, "invalid_json"),
-    ("pickle", b"p0", b"\x80\x04K\x01.", "invalid_json"),
-    ("list", b"p0", j([GOOD]), "not_object"),
-    ("null", b"p0", b"null", "not_object"),
-    ("no_version", b"p0", j({"t": T0, "items": []}), "unknown_version"),
-    ("version_true", b"p0", j({**GOOD, "v": True}), "unknown_version"),
-    ("version_2", b"p0", j({**GOOD, "v": 2}), "unknown_version"),
-    ("no_time", b"p0", j({"v": 1, "items": []}), "bad_time"),
-    ("time_string", b"p0", j({**GOOD, "t": "now"}), "bad_time"),
-    ("time_ms", b"p0", j({**GOOD, "t": T0 * 1000}), "bad_time"),
-    ("time_1970", b"p0", j({**GOOD, "t": 0}), "bad_time"),
-    ("time_bool", b"p0", j({**GOOD, "t": True}), "bad_time"),
-    ("items_missing", b"p0", j({"v": 1, "t": T0}), "wrong_shape"),
-    ("items_dict", b"p0", j({**GOOD, "items": {"a": 1}}), "wrong_shape"),
-    ("item_not_pair", b"p0", j({**GOOD, "items": [["a"]]}), "wrong_shape"),
-    ("item_triple", b"p0", j({**GOOD, "items": [["a", 1, 2]]}), "wrong_shape"),
-    ("item_id_number", b"p0", j({**GOOD, "items": [[1, 1.0]]}), "wrong_shape"),
-    ("item_id_empty", b"p0", j({**GOOD, "items": [["", 1.0]]}), "wrong_shape"),
-    ("item_id_long", b"p0", j({**GOOD, "items": [["x" * 129, 1.0]]}), "wrong_shape"),
-    ("item_dict", b"p0", j({**GOOD, "items": [{"item_id": "a", "w": 1}]}), "wrong_shape"),
-    ("negative_weight", b"p0", j({**GOOD, "items": [["a", -1.0]]}), "bad_weight"),
-    ("huge_weight", b"p0", j({**GOOD, "items": [["a", 1e300]]}), "bad_weight"),
-    ("bool_weight", b"p0", j({**GOOD, "items": [["a", True]]}), "bad_weight"),
-    ("string_weight", b"p0", j({**GOOD, "items": [["a", "1"]]}), "bad_weight"),
-    ("null_weight", b"p0", j({**GOOD, "items": [["a", None]]}), "bad_weight"),
-]
-
-
-def test_hostile_cases_cover_every_reason_but_internal():
-    assert {reason for *_, reason in HOSTILE} == set(REASONS) - {"internal"}
-
-
-@pytest.mark.parametrize("name,key,value,reason", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_record_is_ignored_and_the_partition_keeps_its_snapshot(name, key, value, reason):
-    t = trending(partitions=4, wall=lambda: T0)
-    assert t.apply(b"p0", j(GOOD))
-    before = metrics.TRENDING_REJECTED.labels(reason)._value.get()
-    assert t.apply(key, value) is False
-    assert metrics.TRENDING_REJECTED.labels(reason)._value.get() == before + 1
-    assert t.top(5) == [("a", 1.0)]
-
-
-def test_published_snapshots_validate_and_hostile_ones_do_not():
-    from tests.contract_schemas import errors, record
-
-    t = trending(partitions=1)
-    t.assign([0])
-    t.seed(t.gains)
-    for n in range(30):
-        t.observe(ev(f"i{n % 7}"), at(0, T0 + n))
-    (_, value), = t.take_snapshots()
-    assert not errors(record("trending-snapshot"), json.loads(value))
-    schema_blind = {"bad_key", "bad_partition", "invalid_json", "too_large"}  # bytes, keys, sizes
-    for name, _, value, reason in HOSTILE:
-        if reason not in schema_blind and name != "time_ms":  # the reader's clock: not a schema's
-            assert errors(record("trending-snapshot"), json.loads(value)), name
-
-
-def test_a_snapshot_from_far_in_the_future_is_refused():
-    """One record stamped years ahead would otherwise decay every other partition to nothing."""
-    t = trending(partitions=2, wall=lambda: T0)
-    assert t.apply(b"p0", j(GOOD))
-    assert not t.apply(b"p1", j({**GOOD, "t": T0 + 86_400 * 365, "items": [["b", 1.0]]}))
-    assert t.apply(b"p1", j({**GOOD, "t": T0 + 600, "items": [["b", 1.0]]}))  # within an hour: a skewed clock
-    assert [i for i, _ in t.top(5)] == ["b", "a"]
-
-
-def test_ten_thousand_hostile_records_log_one_line_per_reason(caplog):
-    now = [0.0]
-    t = trending(partitions=4, clock=lambda: now[0], wall=lambda: T0)
-    with caplog.at_level(logging.WARNING, logger="stream_app.pipeline.trending"):
-        for n in range(10_000):
-            name, key, value, _ = HOSTILE[n % len(HOSTILE)]
-            if name not in ("huge_value", "too_many_items", "deep"):  # the big ones once each below
-                t.apply(key, value)
-        for _, key, value, _ in HOSTILE:
-            t.apply(key, value)
-        now[0] = 61.0
-        t.apply(b"p9", j(GOOD))
-    reasons = [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records]
-    assert sorted(reasons) == sorted([*set(reasons), "bad_partition"])
-    assert "more since the last such line" in caplog.records[-1].getMessage()
-    assert t.apply(b"p0", j(GOOD)) and t.top(1) == [("a", 1.0)]
-
-
-def test_an_internal_error_is_counted_and_contained(monkeypatch):
-    import stream_app.pipeline.trending as module
-
-    def broken(*args):
-        raise KeyError("a bug")
-
-    monkeypatch.setattr(module, "parse_snapshot", broken)
-    t = trending()
-    before = metrics.TRENDING_REJECTED.labels("internal")._value.get()
-    assert t.apply(b"p0", j(GOOD)) is False
-    assert metrics.TRENDING_REJECTED.labels("internal")._value.get() == before + 1
 
 
 # --- the processor's one call ---------------------------------------------------------------
