@@ -169,8 +169,10 @@ async def publish(trending: Trending, send: Send, partitions: Iterable[int] | No
     for n, (partition, value) in enumerate(due):
         try:
             await send(snapshot_key(partition), value)
-        except Exception as exc:
+        except BaseException as exc:  # cancelled too (a revocation's wait ran out): not sent either
             trending.unsent(p for p, _ in due[n:])
+            if not isinstance(exc, Exception):
+                raise
             log.warning("publishing trending snapshots failed (%s); they go with the next publish", describe(exc))
             return n
         metrics.TRENDING_SNAPSHOTS.labels("published").inc()

@@ -37,6 +37,23 @@ def test_failed_sends_are_published_again():
     assert asyncio.run(publish(t, flaky)) == 0
 
 
+def test_a_cancelled_publish_is_published_again():
+    t = trending(partitions=1)
+    t.assign([0])
+    t.seed(t.gains)
+    t.observe(ev("a"), at(0, T0))
+
+    async def hangs(key: bytes, value: bytes) -> None:
+        await asyncio.sleep(60)
+
+    async def revoke() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(publish(t, hangs), timeout=0.05)
+
+    asyncio.run(revoke())
+    assert [p for p, _ in t.take_snapshots()] == [0]
+
+
 def test_an_oversized_snapshot_is_trimmed_to_fit():
     items = tuple((f"{n:0>128}", float(MAX_SNAPSHOT_ITEMS - n)) for n in range(MAX_SNAPSHOT_ITEMS))
     value = encode_snapshot(Snapshot(T0, items))
