@@ -164,13 +164,14 @@ OnReject = Callable[[Any, Any, str], Awaitable[None]]  # (key, value, reason), e
 
 
 async def publish(trending: Trending, send: Send, partitions: Iterable[int] | None = None) -> int:
-    """Send the snapshots due (of `partitions` only, if given); returns how many were sent."""
-    due = trending.take_snapshots(partitions)
-    for n, (partition, value) in enumerate(due):
+    """Send the snapshots due (of `partitions` only, if given), one at a time so the event
+    loop runs between them; returns how many were sent."""
+    due = trending.due(partitions)
+    for n, partition in enumerate(due):
         try:
-            await send(snapshot_key(partition), value)
+            await send(snapshot_key(partition), trending.take(partition))
         except BaseException as exc:  # cancelled too (a revocation's wait ran out): not sent either
-            trending.unsent(p for p, _ in due[n:])
+            trending.unsent(due[n:])
             if not isinstance(exc, Exception):
                 raise
             log.warning("publishing trending snapshots failed (%s); they go with the next publish", describe(exc))

@@ -106,6 +106,10 @@ def test_counts_are_bounded_and_keep_the_strongest():
     assert max(sizes) <= 100 and min(sizes[100:]) >= 50
     top = t.live[0].snapshot(10, t.newest).items
     assert top[0][0] == "hot" and [i for i, _ in top[1:4]] == ["i999", "i998", "i997"]
+    ties = Decayed(LN2, 100)  # all equal: the pruning must still halve
+    for n in range(1000):
+        ties.add(f"i{n}", 0.0, T0)
+        assert len(ties) <= 100
 
 
 def test_only_item_events_count():
