@@ -59,8 +59,10 @@ class CoOccurrence:
                 self.observe(seq[max(0, i - self.window) : i], item)
         return self
 
-    def scores(self, recent: Sequence[str]) -> dict[str, float]:
-        """Neighbour scores of the user's recent items, newest weighted most."""
+    def scores(self, recent: Sequence[str], sources: dict[str, tuple[float, str]] | None = None) -> dict[str, float]:
+        """Neighbour scores of the user's recent items, newest weighted most. `sources`, if
+        given, gets each item's strongest contributor (its share, that recent item): the
+        reason of the recommendation (model/reasons.py)."""
         total: Counter = Counter()
         for distance, item in enumerate(reversed(recent[-self.window :]), start=1):
             row = self.pairs.get(item)
@@ -68,7 +70,10 @@ class CoOccurrence:
                 continue
             norm = sum(row.values())
             for other, count in row.items():
-                total[other] += count / norm / distance
+                share = count / norm / distance
+                total[other] += share
+                if sources is not None and share > sources.get(other, (0.0, ""))[0]:
+                    sources[other] = (share, item)
         return total
 
     def popular(self, n: int) -> list[tuple[str, float]]:
@@ -81,16 +86,23 @@ class CoOccurrence:
 
     def recommend(self, recent: Sequence[str], k: int, exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, float]]:
         """Top-k (item, score): neighbours first, then popular items; never `exclude`d."""
-        cand = self.scores(recent)
+        return [(item, score) for item, score, _ in self.recommend_explained(recent, k, exclude)]
+
+    def recommend_explained(self, recent: Sequence[str], k: int,
+                            exclude: set[str] | frozenset = frozenset()) -> list[tuple[str, float, str | None]]:
+        """`recommend` with each item's source: the recent item it follows most, or None for
+        popularity backfill."""
+        sources: dict[str, tuple[float, str]] = {}
+        cand = self.scores(recent, sources)
         best = heapq.nlargest(k + len(exclude), cand.items(), key=lambda kv: kv[1])
-        out = [(item, float(score)) for item, score in best if item not in exclude][:k]
+        out = [(item, float(score), sources[item][1]) for item, score in best if item not in exclude][:k]
         if len(out) < k:
-            have = {item for item, _ in out} | set(exclude)
+            have = {item for item, _, _ in out} | set(exclude)
             # popularity scores are scaled below any neighbour score so backfill ranks last
-            floor = min((s for _, s in out), default=1.0)
+            floor = min((s for _, s, _ in out), default=1.0)
             for item, share in self.popular(k + len(have)):
                 if item not in have:
-                    out.append((item, float(floor * share * 0.5)))
+                    out.append((item, float(floor * share * 0.5), None))
                     if len(out) == k:
                         break
         return out

@@ -164,6 +164,33 @@ class Transition(nn.Module):
         summed = torch.zeros(len(key), device=dev).index_add_(0, inv, t)
         return key, weight * torch.log1p(summed / eps)
 
+    def share_of(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """P(col | row) for each pair (0 where the table has no such entry): the reasons of
+        model/reasons.py ask it for a few pairs per recommended item, so it is a binary search
+        over the entries' keys, sorted once per table."""
+        keys, shares = self._sorted_keys()
+        out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        if not len(keys):
+            return out
+        ok = (rows > 0) & (rows < self.n_rows) & (cols > 0) & (cols < self.n_rows)
+        q = rows.long().clamp(0, self.n_rows - 1) * self.n_rows + cols.long().clamp(0, self.n_rows - 1)
+        pos = torch.searchsorted(keys, q.to(keys.device)).clamp(max=len(keys) - 1)
+        hit = (keys[pos] == q.to(keys.device)) & ok.to(keys.device)
+        return torch.where(hit, shares[pos], torch.zeros((), device=keys.device)).to(out.device)
+
+    def _sorted_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tag = (self.cols.data_ptr(), len(self.cols), self.indptr.data_ptr(), self.n_rows)
+        cached = self.__dict__.get("_keys")
+        if cached is None or cached[0] != tag:
+            rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.indptr.device),
+                                           self.indptr[1:] - self.indptr[:-1])
+            keys = rows * self.n_rows + self.cols.long()
+            order = torch.argsort(keys)
+            shares = self.counts / self.totals[rows].clamp(min=1e-12)
+            cached = (tag, keys[order], shares[order].float())
+            self.__dict__["_keys"] = cached
+        return cached[1], cached[2]
+
     def scores(self, recent: Sequence[Sequence[int]], n_cols: int, window: int) -> torch.Tensor:
         """t_u alone, dense [B, n_cols] (for evaluating the term by itself)."""
         out = torch.zeros(len(recent), n_cols, device=self.indptr.device)

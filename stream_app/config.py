@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     exclude_seen_window: int = Field(
         0, ge=0, description="Only the user's last N item events count as seen (0 = the whole stored history)."
     )
+    rules_pool: int = Field(
+        100, ge=1, le=10_000, description="Candidates scored before a list's rules drop or move items "
+                                          "(filters, diversity, boosts); `streamrec eval --rules` uses the same.")
+    reasons: bool = Field(True, description="Give every recommended item a reason (docs/contracts.md, Reasons).")
+    surfaces_file: Path | None = Field(
+        None, description="TOML file naming the lookup API's surfaces, their k and rules (docs/contracts.md, "
+                          "Surfaces). Unset: for_you, similar, trending and after_search without rules.")
     max_event_bytes: int = Field(16_384, ge=256, description="Larger input messages go to the DLQ.")
     dlq_payload_cap: int = Field(
         65_536, ge=0, description="Bytes of the original payload kept in a DLQ record (rest truncated)."
@@ -209,7 +216,7 @@ class Settings(BaseSettings):
         "text", description="Log lines of the worker and the learner: text, or json (one object per line: "
                             "ts, level, logger, message).")
 
-    @field_validator("model_dir", "model_b_dir", mode="before")
+    @field_validator("model_dir", "model_b_dir", "surfaces_file", mode="before")
     @classmethod
     def _empty_dir_is_none(cls, value):
         """`STREAMREC_MODEL_DIR=""` means no model directory (compose files and shells set

@@ -82,7 +82,8 @@ def test_published_records_validate():
 def test_openapi_names_every_page_and_its_schemas_are_valid():
     doc = openapi()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/metrics", "/healthz", "/readyz", "/recommendations/{user_id}", "/recommendations"}
+    assert set(doc["paths"]) == {"/metrics", "/healthz", "/readyz", "/recommendations/{user_id}", "/recommendations",
+                                 "/surfaces/{name}"}
     for name in doc["components"]["schemas"]:
         component(name)  # check_schema
 

@@ -46,7 +46,8 @@ from stream_app.serving.lifecycle import Lifecycle
 from stream_app.transport.fence import Fence, Fenced
 from stream_app.transport.offsets import OffsetGuard
 from stream_app.transport.guarded import hold_commits_at_holes, in_order, seek
-from stream_app.pipeline.state import StreamClock, expiry_event, idle_state, sweep_clock
+from stream_app.pipeline.state import StreamClock, UserState, expiry_event, idle_state, sweep_clock
+from stream_app.serving.surfaces import OUTPUT, load as load_surfaces
 from stream_app.transport.security import aiokafka_options, faust_credentials
 from stream_app.transport.faust_app import App
 
@@ -134,7 +135,8 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     users = app.Table("users", default=None, partitions=settings.partitions, value_type=bytes,
                       options=rocksdb_options(settings))
     trending = Trending.of(settings, catalog)
-    processor = BatchProcessor(settings, lifecycle.recommender, trending=trending)
+    surfaces = load_surfaces(settings.surfaces_file, settings.top_k)
+    processor = BatchProcessor(settings, lifecycle.recommender, rules=surfaces[OUTPUT].rules, trending=trending)
     cap = settings.dlq_payload_cap
 
     guard = OffsetGuard()
@@ -343,8 +345,15 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     async def refill_latest(app, assigned, **kwargs) -> None:  # docs/design.md, "Lookups survive restarts"
         refills.assigned(tp.partition for tp in assigned if tp.topic == settings.events_topic)
 
+    def state_of(user_id: str) -> UserState:
+        """An owned user's newest state: the processor's write-through cache, else the table."""
+        state = processor.states.get(user_id)
+        return state if state is not None else UserState.from_json(users.get(user_id))
+
     pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
-                  failing=lambda: backoff.last_error if backoff.failing else None)
+                  failing=lambda: backoff.last_error if backoff.failing else None, surfaces=surfaces,
+                  state_of=state_of, trending=lambda surface, query, _: trending.ranked(
+                      query.k, surface.rules & query.rules, settings.reasons))
     return app
 
 

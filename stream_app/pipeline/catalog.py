@@ -43,6 +43,7 @@ REASONS = (
     "key_mismatch",    # the value's item_id is not the key
     "bad_price",       # price not a finite number (or null / absent)
     "bad_available",   # available not a JSON boolean (or absent)
+    "bad_attributes",  # attributes not an object of at most 32 short names -> string, number or boolean
     "internal",        # anything else raised while applying one record (a bug, not the record)
 )
 for _r in REASONS:  # export zeros so dashboards and alerts see every series from the start
@@ -51,6 +52,7 @@ for _r in REASONS:  # export zeros so dashboards and alerts see every series fro
 MAX_VALUE_BYTES = 65_536
 MAX_KEY_BYTES = 512  # 128 characters of up to 4 UTF-8 bytes: any item_id an event may carry
 MAX_LEN = {"item_id": 128, "title": 1024, "category": 256}  # characters; item_id as for events
+MAX_ATTRIBUTES, MAX_ATTRIBUTE_NAME, MAX_ATTRIBUTE_VALUE = 32, 64, 256  # what rules may boost or bury by
 
 OnReject = Callable[[Any, Any, str], Awaitable[None]]  # (key, value, reason)
 
@@ -168,7 +170,53 @@ def parse_record(key: Any, value: Any, max_key_bytes: int = MAX_KEY_BYTES,
     if not isinstance(available, bool):  # "false", 0, null: guessing would keep a withdrawn item served
         shown = repr(available[:20]) if isinstance(available, str) else type(available).__name__
         raise Rejected("bad_available", f"available must be true or false, got {shown}", item_id)
-    return Item(item_id, {"title": title, "category": category, "price": price}, available)
+    attributes = _attributes(record.get("attributes"), item_id)
+    return Item(item_id, {"title": title, "category": category, "price": price, "attributes": attributes}, available)
+
+
+def _attributes(value: Any, item_id: str) -> dict[str, str | float | bool]:
+    """The optional `attributes` object: flat, bounded, names and values a rule can match
+    (model/rules.py `Boost`). Nulls are dropped; anything nested is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Rejected("bad_attributes", f"attributes must be an object, got {type(value).__name__}", item_id)
+    if len(value) > MAX_ATTRIBUTES:
+        raise Rejected("bad_attributes", f"{len(value)} attributes > {MAX_ATTRIBUTES}", item_id)
+    out: dict[str, str | float | bool] = {}
+    for name, v in value.items():
+        if not name.strip() or len(name) > MAX_ATTRIBUTE_NAME or not _utf8(name):
+            raise Rejected("bad_attributes", f"attribute name {name[:40]!r} is empty, over "
+                           f"{MAX_ATTRIBUTE_NAME} characters or not UTF-8", item_id)
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out[name] = v
+        elif isinstance(v, (int, float)):
+            try:
+                f = float(v)
+            except OverflowError:
+                f = math.inf
+            if not math.isfinite(f):
+                raise Rejected("bad_attributes", f"attribute {name[:40]!r} is not a finite number", item_id)
+            out[name] = f
+        elif isinstance(v, str):
+            if len(v) > MAX_ATTRIBUTE_VALUE or not _utf8(v):
+                raise Rejected("bad_attributes", f"attribute {name[:40]!r} is over {MAX_ATTRIBUTE_VALUE} "
+                               "characters or not UTF-8", item_id)
+            out[name] = v
+        else:
+            raise Rejected("bad_attributes", f"attribute {name[:40]!r} is a {type(v).__name__}; use a string, "
+                           "number or boolean", item_id)
+    return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class Throttle:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.pipeline.events import Event, InvalidEvent, decode_event
+from model.rules import EMPTY, Rules
 from stream_app.pipeline.latest import SCHEMA_VERSION, LatestStore
 from stream_app.pipeline.trending import Trending
 from stream_app.serving.recommender import Recommender, Refresh
@@ -56,8 +57,10 @@ class Outcome:
 
 class BatchProcessor:
     def __init__(self, settings: Settings, recommender: Recommender, clock: Callable[[], float] = time.time,
-                 latest: LatestStore | None = None, trending: Trending | None = None) -> None:
+                 latest: LatestStore | None = None, rules: Rules = EMPTY, trending: Trending | None = None) -> None:
+        """`rules`: the published surface's (stream_app/serving/surfaces.py, `for_you`)."""
         self.settings = settings
+        self.rules = rules
         self.recommender = recommender  # swapped atomically between batches on model reload
         self.clock = clock
         self.latest = latest if latest is not None else LatestStore()
@@ -178,7 +181,7 @@ class BatchProcessor:
 
     def _rank(self, refreshes: list[Refresh], newest: dict[str, tuple[int, Event]],
               messages: Sequence[Message], out: Outcome) -> None:
-        ranked = self.recommender.recommend(refreshes, self.settings.top_k)
+        ranked = self.recommender.recommend(refreshes, self.settings.top_k, self.rules)
         now = self.clock()
         metrics.BATCH_SIZE.observe(len(refreshes))
         for refresh, result in zip(refreshes, ranked):
@@ -188,7 +191,7 @@ class BatchProcessor:
             record = {
                 "user_id": refresh.user_id,
                 "event_id": event.event_id,
-                "items": [{"item_id": item, "score": round(score, 6)} for item, score in result.items],
+                "items": items_of(result),
                 "model_version": result.model_version,
                 "variant": result.variant,
                 "generated_at": round(now, 3),
@@ -216,6 +219,14 @@ class BatchProcessor:
         if out.expired:
             metrics.EXPIRED_USERS.inc(out.expired)
         metrics.RECOMMENDATIONS.inc(len(out.recommendations))
+
+
+def items_of(ranked) -> list[dict]:
+    """A Ranked's items as the recommendation record carries them (docs/contracts.md)."""
+    if ranked.reasons is None:
+        return [{"item_id": item, "score": round(score, 6)} for item, score in ranked.items]
+    return [{"item_id": item, "score": round(score, 6), "reason": why}
+            for (item, score), why in zip(ranked.items, ranked.reasons)]
 
 
 class ForgetMarks:

@@ -31,18 +31,19 @@ import asyncio
 import heapq
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Callable, Iterable
 
+from model.rules import EMPTY, NO_META, Rules, apply as apply_rules
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.pipeline.catalog import Throttle
 from stream_app.pipeline.events import Event
 from stream_app.pipeline.state import FUTURE_SKEW_S
 from stream_app.pipeline.trending_topic import Rejected, Snapshot, encode_snapshot, parse_snapshot
+from stream_app.serving.recommender import Ranked
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,8 @@ log = logging.getLogger(__name__)
 COUNTED = {"view": 1.0, "click": 1.0, "add_to_cart": 1.0, "purchase": 1.0}
 _LOG_WEIGHT = {etype: math.log(w) for etype, w in COUNTED.items()}
 
-CATEGORY_SPLIT = re.compile(r"[>/|]")  # as model/features.py content_tokens splits a path
-
 for _k in ("live", "snapshot"):
     metrics.TRENDING_ITEMS.labels(_k)
-
-
-@dataclass(frozen=True, slots=True)
-class Trend:
-    """One answer entry: `category` is the catalog's category of the item (the path that
-    made it match a category request), None when the catalog has none for it."""
-
-    item_id: str
-    score: float
-    category: str | None
 
 
 def logaddexp(a: float, b: float) -> float:
@@ -138,17 +127,6 @@ class Decayed:
         return len(self.logs)
 
 
-def category_path(category: str) -> tuple[str, ...]:
-    """`Beauty > Skin Care` -> ("beauty", "skin care"): levels split on `>`, `/` or `|`,
-    compared without case or surrounding space."""
-    return tuple(p.strip().casefold() for p in CATEGORY_SPLIT.split(category) if p.strip())
-
-
-def in_category(item_category: str | None, wanted: tuple[str, ...]) -> bool:
-    """The item's category is `wanted` or lies under it (`wanted` is a leading path of it)."""
-    return bool(wanted) and bool(item_category) and category_path(item_category)[:len(wanted)] == wanted
-
-
 @dataclass(slots=True)
 class Ranking:
     """The merged answer over all snapshots at one version, best first."""
@@ -157,16 +135,18 @@ class Ranking:
     computed_at: float  # the monotonic clock
     now: float | None  # stream time the scores are decayed to: the newest snapshot's
     items: list[tuple[str, float]]
-    # category path -> (when, its items): kept `cache_s` at most, as the catalog may move items
-    by_category: dict[tuple[str, ...], tuple[float, list[tuple[str, float]]]] = field(default_factory=dict)
+    # rules -> (when, the items their filters allow): kept `cache_s` at most, as the catalog
+    # may move an item to another category or change its price
+    pools: dict[Rules, tuple[float, list[tuple[str, float]]]] = field(default_factory=dict)
 
 
 class Trending:
     """Live counts of the owned partitions, the newest snapshot of every partition, and
     the answer. Mutated only in the event loop."""
 
-    MAX_CACHED_CATEGORIES = 64
-    MAX_CATEGORY_POOL = 10_000
+    MAX_CACHED_POOLS = 64
+    MAX_POOL = 10_000  # candidates a request's rules pick from: every item trending, up to this
+    VERSION = "trending"  # the answer's model_version: counts, not a model
 
     def __init__(self, partitions: int, half_life_s: float = 3600.0, max_items: int = 100_000,
                  keep: int = 1_000, catalog: Any = None, cache_s: float = 1.0,
@@ -331,46 +311,56 @@ class Trending:
         self._ranking = Ranking(self._version, self.clock(), now, items)
         return self._ranking
 
-    def trends(self, n: int, category: str | None = None) -> list[Trend]:
-        """The `n` items trending now, best first, of `category` (that path or under it)
-        if given; never an unavailable item."""
+    def ranked(self, k: int, rules: Rules = EMPTY, reasons: bool = True) -> Ranked:
+        """The `k` items trending now, best first, that `rules` allow (model/rules.py: a
+        category rule keeps that category and those under it), never an unavailable one.
+        The candidates are every item trending (up to MAX_POOL), not the best `rules_pool`:
+        trending in a small category must find it however far down the whole ranking it is.
+        A reason per item: `trending`, or `trending:<its category>` when categories were
+        asked for (which one made it trend)."""
         ranking = self.ranking()
-        pool = ranking.items if not category else self._of_category(ranking, category_path(category))
-        unavailable = self.catalog.unavailable if self.catalog is not None else ()
-        out: list[Trend] = []
-        for item_id, score in pool:
-            if len(out) >= n:
-                break
-            if item_id not in unavailable:
-                out.append(Trend(item_id, score, self._category(item_id)))
-        return out
+        unavailable = self.catalog.unavailable if self.catalog is not None else frozenset()
+        meta = self.catalog.meta if self.catalog is not None else {}
+        if rules.empty:
+            items = []
+            for item_id, score in ranking.items:
+                if len(items) >= k:
+                    break
+                if item_id not in unavailable:
+                    items.append((item_id, score))
+        else:
+            pool = [e for e in self._pool(ranking, rules, meta) if e[0] not in unavailable]
+            items = apply_rules(pool, rules, meta, k)
+        why = None
+        if reasons:
+            asked = bool(rules.categories or rules.also)
+            why = [f"trending:{c}" if asked and (c := (meta.get(i) or NO_META).get("category")) else "trending"
+                   for i, _ in items]
+        return Ranked(items, self.VERSION, "default", why)
 
     def top(self, n: int, category: str | None = None) -> list[tuple[str, float]]:
-        """(item_id, score) of `trends`: score = the item's events, each weighted
-        2^-(age / half-life), age measured back from `as_of`."""
-        return [(t.item_id, t.score) for t in self.trends(n, category)]
+        """(item_id, score) of the `n` items trending now (of `category` and under it): score
+        = the item's events, each weighted 2^-(age / half-life), age back from `as_of`."""
+        return self.ranked(n, Rules(categories=(category,)) if category else EMPTY, reasons=False).items
 
     @property
     def as_of(self) -> float | None:
         """The stream time the scores are decayed to (None: no snapshot read yet)."""
         return self.ranking().now
 
-    def _category(self, item_id: str) -> str | None:
-        meta = self.catalog.meta.get(item_id) if self.catalog is not None else None
-        return (meta.get("category") or None) if meta else None
-
-    def _of_category(self, ranking: Ranking, wanted: tuple[str, ...]) -> list[tuple[str, float]]:
-        """The ranking's items of that category: one scan, kept `cache_s` (bounded)."""
+    def _pool(self, ranking: Ranking, rules: Rules, meta: Any) -> list[tuple[str, float]]:
+        """The ranking's items the rules' filters allow, best first: one scan, kept `cache_s`
+        (at most MAX_CACHED_POOLS sets of rules)."""
         now = self.clock()
-        cached = ranking.by_category.get(wanted)
+        cached = ranking.pools.get(rules)
         if cached is not None and now - cached[0] < self.cache_s:
             return cached[1]
         pool = []
         for item_id, score in ranking.items:
-            if in_category(self._category(item_id), wanted):
+            if rules.allows(item_id, meta.get(item_id) or NO_META):
                 pool.append((item_id, score))
-                if len(pool) >= self.MAX_CATEGORY_POOL:
+                if len(pool) >= self.MAX_POOL:
                     break
-        if wanted in ranking.by_category or len(ranking.by_category) < self.MAX_CACHED_CATEGORIES:
-            ranking.by_category[wanted] = (now, pool)
+        if rules in ranking.pools or len(ranking.pools) < self.MAX_CACHED_POOLS:
+            ranking.pools[rules] = (now, pool)
         return pool

@@ -30,6 +30,8 @@ def run_worker(settings: Settings) -> int:
     from stream_app.runtime import allocator, failpoints, logs
 
     failpoints.points()  # a malformed STREAMREC_FAILPOINTS is a one-line error, before anything starts
+    from stream_app.serving.surfaces import load as load_surfaces
+    load_surfaces(settings.surfaces_file, settings.top_k)  # likewise a surfaces file that does not validate
     running_on = allocator.ensure(settings.allocator)  # before faust, torch and RocksDB allocate
 
     import gc

@@ -30,6 +30,7 @@ from typing import Sequence
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.errors import UserError
+from model.rules import EMPTY, Rules
 from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,22 @@ class ABRouter:
         for arm in self.arms.values():
             arm.forget(user_id)
 
-    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+    def recommend(self, batch: Sequence[Refresh], k: int, rules: Rules = EMPTY) -> list[Ranked]:
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(batch):
             groups.setdefault(variant_of(r.user_id, self.split_b), []).append(i)
         out: list[Ranked | None] = [None] * len(batch)
         for variant, idx in groups.items():
-            for i, ranked in zip(idx, self.arms[variant].recommend([batch[i] for i in idx], k)):
+            for i, ranked in zip(idx, self.arms[variant].recommend([batch[i] for i in idx], k, rules)):
                 out[i] = ranked
         return out
+
+    def similar(self, item_id: str, k: int, rules: Rules = EMPTY) -> Ranked:
+        """An item page has no user to split by: variant A answers."""
+        return self.arms["A"].similar(item_id, k, rules)
+
+    def after_search(self, refresh: Refresh, query: str, ts: float, k: int, rules: Rules = EMPTY) -> Ranked:
+        return self.arms[variant_of(refresh.user_id, self.split_b)].after_search(refresh, query, ts, k, rules)
 
 
 class FallbackArm:
@@ -102,8 +110,17 @@ class FallbackArm:
     def forget(self, user_id: str) -> None:
         self.fallback.forget(user_id)
 
-    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
-        return [Ranked(r.items, r.model_version, self.variant) for r in self.fallback.recommend(batch, k)]
+    def recommend(self, batch: Sequence[Refresh], k: int, rules: Rules = EMPTY) -> list[Ranked]:
+        return [self._mine(r) for r in self.fallback.recommend(batch, k, rules)]
+
+    def similar(self, item_id: str, k: int, rules: Rules = EMPTY) -> Ranked:
+        return self._mine(self.fallback.similar(item_id, k, rules))
+
+    def after_search(self, refresh: Refresh, query: str, ts: float, k: int, rules: Rules = EMPTY) -> Ranked:
+        return self._mine(self.fallback.after_search(refresh, query, ts, k, rules))
+
+    def _mine(self, r: Ranked) -> Ranked:
+        return Ranked(r.items, r.model_version, self.variant, r.reasons)
 
 
 class Lifecycle:
@@ -114,7 +131,8 @@ class Lifecycle:
         torch.set_num_threads(settings.torch_threads)
         self.settings, self.catalog = settings, catalog
         self.fallback = CoOccurrenceRecommender(max_entries=settings.fallback_max_entries,
-                                                seen_policy=settings.seen_policy)
+                                                seen_policy=settings.seen_policy, rules_pool=settings.rules_pool,
+                                                reasons=settings.reasons)
         self.fallback.catalog = catalog
         self.dirs = {"A": settings.model_dir, "B": settings.model_b_dir}
         self._why: dict[Path, str] = {}  # checkpoint -> why it was rejected (one line)

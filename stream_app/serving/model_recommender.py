@@ -21,7 +21,9 @@ import torch
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.errors import UserError
-from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh
+from model.rules import EMPTY, Rules, apply
+from stream_app.pipeline.state import TYPE_CODE, UserState
+from stream_app.serving.recommender import CoOccurrenceRecommender, Ranked, Refresh, latest_search, pool_size
 
 
 class SlotLRU:
@@ -111,8 +113,10 @@ class ModelRecommender:
         self.created_at: float | None = self.meta.get("created_at")  # checkpoints before it: file time
         self.variant = variant
         self.fallback = fallback or CoOccurrenceRecommender(variant, max_entries=settings.fallback_max_entries,
-                                                            seen_policy=settings.seen_policy)
+                                                            seen_policy=settings.seen_policy,
+                                                            rules_pool=settings.rules_pool, reasons=settings.reasons)
         self.seen_policy = settings.seen_policy
+        self.rules_pool, self.reasons = settings.rules_pool, settings.reasons
         self.catalog = None  # set by Lifecycle in the event loop (attaching mutates the catalog)
         self.device = device
         # more new events than this in one batch: rebuild instead (an append holds at most W
@@ -128,37 +132,84 @@ class ModelRecommender:
         if slot is not None:
             self.pool.reset(torch.tensor([slot]))
 
-    def recommend(self, batch: Sequence[Refresh], k: int) -> list[Ranked]:
+    def recommend(self, batch: Sequence[Refresh], k: int, rules: Rules = EMPTY) -> list[Ranked]:
         out: list[Ranked] = []
         for start in range(0, len(batch), self.n_slots):  # a chunk must fit in the pool at once
             chunk = batch[start:start + self.n_slots]
-            servable = [i for i, r in enumerate(chunk) if self._servable(r)]
-            ranked = dict(zip(servable, self._rank([chunk[i] for i in servable], k))) if servable else {}
+            servable = [i for i, r in enumerate(chunk) if self._servable(r.state)]
+            ranked = dict(zip(servable, self._rank([chunk[i] for i in servable], k, rules))) if servable else {}
             fallback = [r for i, r in enumerate(chunk) if i not in ranked]
-            # the fallback is shared by A/B arms: its answers count for this arm's variant
-            backup = iter([Ranked(r.items, r.model_version, self.variant)
-                           for r in self.fallback.recommend(fallback, k)] if fallback else [])
+            backup = iter(self._as_mine(self.fallback.recommend(fallback, k, rules)) if fallback else [])
             out += [ranked[i] if i in ranked else next(backup) for i in range(len(chunk))]
         return out
 
+    def similar(self, item_id: str, k: int, rules: Rules = EMPTY) -> Ranked:
+        """The served score of a one-event history (a click on `item_id`): what follows it,
+        by the same function the user lists use, so a catalog item added a second ago has
+        neighbours through its content vector. Never the item itself."""
+        index = self.model.items.lookup(item_id)
+        if not index:  # neither the checkpoint nor the catalog knows it
+            return self._as_mine([self.fallback.similar(item_id, k, rules)])[0]
+        state = UserState(history=[(item_id, TYPE_CODE["click"], 0.0, "")], count=1)
+        vector = self.model.user_vectors([state.raw_events()])
+        return self._ranked(vector, [state], k, rules, exclude=[[index]])[0]
+
+    def after_search(self, refresh: Refresh, query: str, ts: float, k: int, rules: Rules = EMPTY) -> Ranked:
+        """The user's vector after one more event, a search for `query`, computed by the
+        offline forward over the stored history (exact, and no cache slot is touched)."""
+        from model.features import RawEvent
+        state = refresh.state
+        history = state.raw_events(self.model.cfg.receptive_field + 1) + [RawEvent(None, "search", ts, query)]
+        vector = self.model.user_vectors([history])
+        return self._ranked(vector, [state], k, rules, searches=[query])[0]
+
+    def _as_mine(self, ranked: list[Ranked]) -> list[Ranked]:
+        """The fallback is shared by A/B arms: its answers count for this arm's variant."""
+        return [Ranked(r.items, r.model_version, self.variant, r.reasons) for r in ranked]
+
     # --- internals -------------------------------------------------------------------
-    def _servable(self, r: Refresh) -> bool:
+    def _servable(self, state: UserState) -> bool:
         """The model can represent a user with any known item or any search query."""
         items = self.model.items
-        return any(e[3] or items.lookup(e[0]) for e in r.state.history)
+        return any(e[3] or items.lookup(e[0]) for e in state.history)
 
-    def _rank(self, refreshes: list[Refresh], k: int) -> list[Ranked]:
-        vectors = self.user_vectors(refreshes)
+    def _rank(self, refreshes: list[Refresh], k: int, rules: Rules) -> list[Ranked]:
+        return self._ranked(self.user_vectors(refreshes), [r.state for r in refreshes], k, rules)
+
+    def _ranked(self, vectors: torch.Tensor, states: list[UserState], k: int, rules: Rules,
+                exclude: list[list[int]] | None = None, searches: list[str | None] | None = None) -> list[Ranked]:
+        """Top-k by the served score: the seen-items policy (or `exclude`) and availability
+        first, then the rules on the best `rules_pool` candidates, then a reason per item."""
         items = self.model.items
-        exclude = [[i for i in map(items.lookup, r.state.seen_items(*self.seen_policy)) if i] for r in refreshes]
+        if exclude is None:
+            exclude = [[i for i in map(items.lookup, s.seen_items(*self.seen_policy)) if i] for s in states]
         blocked = self.catalog.blocked_indices(items) if self.catalog is not None else None
-        recent = self.model.recent_items([r.state.items() for r in refreshes])
+        histories = [s.items() for s in states]
+        recent = self.model.recent_items(histories)
         with timed("score"):
-            scores, idx = self.scorer.topk(vectors, k, exclude, blocked, recent)
+            scores, idx = self.scorer.topk(vectors, pool_size(k, rules, self.rules_pool), exclude, blocked, recent)
         ids = self.scorer.item_ids(idx)
-        return [Ranked([(i, float(s)) for i, s, ok in zip(row_ids, row_s, row_ok) if ok],
-                       self.version, self.variant)
-                for row_ids, row_s, row_ok in zip(ids, scores.tolist(), torch.isfinite(scores).tolist())]
+        lists = [[(i, float(s)) for i, s, ok in zip(row_ids, row_s, row_ok) if ok]
+                 for row_ids, row_s, row_ok in zip(ids, scores.tolist(), torch.isfinite(scores).tolist())]
+        if not rules.empty:
+            meta = self.catalog.meta if self.catalog is not None else {}
+            with timed("rules"):
+                lists = [apply(row, rules, meta, k) for row in lists]
+        reasons = None
+        if self.reasons:
+            with timed("reasons"):
+                reasons = self._reasons(states, histories, lists, searches)
+        return [Ranked(row, self.version, self.variant, reasons[b] if reasons else None)
+                for b, row in enumerate(lists)]
+
+    def _reasons(self, states: list[UserState], histories: list[list[str]], lists: list[list[tuple[str, float]]],
+                 searches: list[str | None] | None) -> list[list[str]]:
+        from model.reasons import LIKE_WINDOW, explain
+        look = self.model.items.lookup
+        if searches is None:
+            searches = [latest_search(s, self.model.cfg.trans_window) for s in states]
+        return explain(self.model, self.scorer.matrix(), [[look(i) for i in h[-LIKE_WINDOW:]] for h in histories],
+                       [[look(i) for i, _ in row] for row in lists], searches)
 
     def user_vectors(self, refreshes: list[Refresh]) -> torch.Tensor:
         """Cache hits take one step per new event; misses are rebuilt together."""

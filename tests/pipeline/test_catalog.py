@@ -75,6 +75,15 @@ HOSTILE = [
     ("available_one", b"k", j({"available": 1}), "bad_available"),
     ("available_null", b"k", j({"available": None}), "bad_available"),
     ("available_list", b"k", j({"available": []}), "bad_available"),
+    ("attributes_list", b"k", j({"attributes": ["brand"]}), "bad_attributes"),
+    ("attributes_string", b"k", j({"attributes": "brand=acme"}), "bad_attributes"),
+    ("attributes_nested", b"k", j({"attributes": {"brand": {"name": "acme"}}}), "bad_attributes"),
+    ("attributes_list_value", b"k", j({"attributes": {"tags": ["a", "b"]}}), "bad_attributes"),
+    ("attributes_too_many", b"k", j({"attributes": {f"a{n}": n for n in range(33)}}), "bad_attributes"),
+    ("attribute_name_blank", b"k", j({"attributes": {" ": "x"}}), "bad_attributes"),
+    ("attribute_name_long", b"k", j({"attributes": {"a" * 65: "x"}}), "bad_attributes"),
+    ("attribute_value_long", b"k", j({"attributes": {"brand": "x" * 257}}), "bad_attributes"),
+    ("attribute_number_overflow", b"k", b'{"attributes": {"size": ' + b"9" * 400 + b"}}", "invalid_json"),
 ]
 WITHDRAWS = {"no_key", "empty_key", "blank_key", "huge_key", "long_item_id", "key_encoded_surrogate",
              "key_not_utf8"}  # these have no usable key: nothing to withdraw
@@ -105,6 +114,14 @@ def test_hostile_record_is_rejected_and_withdraws_its_item(name, key, value, rea
         assert catalog.meta[key.decode().strip()]["title"] == "valid"  # last good metadata is kept
 
 
+def test_attributes_are_kept_flat_and_typed():
+    catalog = Catalog()
+    assert catalog.apply(b"k", j({"category": "a > b", "price": 3, "attributes": {
+        "brand": "acme", "eco": True, "size": 42, "gone": None}}))
+    assert catalog.meta["k"]["attributes"] == {"brand": "acme", "eco": True, "size": 42.0}
+    assert catalog.apply(b"k2", j({"title": "x"})) and catalog.meta["k2"]["attributes"] == {}
+
+
 @pytest.mark.parametrize("depth", [5_000, 100_000])
 @pytest.mark.parametrize("kind", ["list", "object"])
 def test_deep_nesting_never_recurses(depth, kind):
@@ -123,9 +140,9 @@ def test_valid_records_apply():
     catalog = Catalog()
     assert catalog.apply(b"i1", j({"item_id": "i1", "title": "Café ☕ mouse", "category": "peripherals",
                                    "price": 19, "available": True}))
-    assert catalog.meta["i1"] == {"title": "Café ☕ mouse", "category": "peripherals", "price": 19.0}
+    assert catalog.meta["i1"] == {"title": "Café ☕ mouse", "category": "peripherals", "price": 19.0, "attributes": {}}
     assert catalog.apply(b" i2 ", j({"item_id": "i2 ", "price": None}))  # stripped, as events strip item_id
-    assert catalog.meta["i2"] == {"title": "", "category": "", "price": None}
+    assert catalog.meta["i2"] == {"title": "", "category": "", "price": None, "attributes": {}}
     assert catalog.apply(b"i3", j({"title": None, "category": None}))  # no item_id in the value: the key's
     assert catalog.apply(b"i4", '{"title": "\\ud83d\\ude00"}'.encode())  # an escaped surrogate *pair* is fine
     assert catalog.meta["i4"]["title"] == "😀"

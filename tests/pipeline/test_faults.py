@@ -133,6 +133,7 @@ def test_only_documented_pages_answer(make_settings, start_worker):
     for path in ("/metrics", "/healthz", "/readyz"):
         assert _status(worker, path) == 200, path
     assert _status(worker, "/recommendations/nobody") == 200  # the fallback (tests/pipeline/test_lookup.py)
+    assert _status(worker, "/surfaces/similar?item_id=nobody") == 200  # tests/pipeline/test_surfaces_page.py
     for path in ("/", "/table/", "/table/users/", "/table/users/u1/", "/router/", "/router/users/",
                  "/graph/", "/stats/", "/performance/", "/signal/", "/metrics/extra", "/../etc/passwd"):
         assert _status(worker, path) == 404, path

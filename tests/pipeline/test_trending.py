@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from model.rules import Rules, violations
 from stream_app.config import Settings
 from stream_app.pipeline.catalog import Catalog
 from stream_app.pipeline.events import TS_MAX, TS_MIN, Event
 from stream_app.pipeline.processor import BatchProcessor, Message
-from stream_app.pipeline.trending import COUNTED, Decayed, Trending, category_path, in_category
+from stream_app.pipeline.trending import COUNTED, Decayed, Trending
 from stream_app.pipeline.trending_topic import Snapshot, encode_snapshot, snapshot_key
 from stream_app.serving.recommender import CoOccurrenceRecommender
 
@@ -211,15 +212,6 @@ def test_the_ranking_is_cached_briefly():
 
 # --- category and availability ------------------------------------------------------------
 
-def test_category_paths():
-    assert category_path(" Beauty > Skin Care|Cleansers / Foam ") == ("beauty", "skin care", "cleansers", "foam")
-    want = category_path("beauty > skin care")
-    assert in_category("Beauty > Skin Care", want) and in_category("Beauty/Skin Care/Cleansers", want)
-    assert not in_category("Beauty > Skin", want) and not in_category("Skin Care", want)
-    assert not in_category("Beauty", want) and not in_category(None, want) and not in_category("", want)
-    assert not in_category("Beauty", category_path(" > "))
-
-
 def catalog_with(rows: dict[str, dict]) -> Catalog:
     catalog = Catalog()
     for item_id, row in rows.items():
@@ -227,22 +219,39 @@ def catalog_with(rows: dict[str, dict]) -> Catalog:
     return catalog
 
 
-def test_categories_and_unavailable_items():
-    catalog = catalog_with({"cream": {"category": "Beauty > Skin Care"},
-                            "soap": {"category": "Beauty > Skin Care > Cleansers"},
-                            "lipstick": {"category": "Beauty|Makeup"},
+def test_categories_rules_and_unavailable_items():
+    catalog = catalog_with({"cream": {"category": "Beauty > Skin Care", "price": 12},
+                            "soap": {"category": "Beauty > Skin Care > Cleansers", "price": 4},
+                            "lipstick": {"category": "Beauty|Makeup", "price": 20},
                             "ball": {"category": "Sports"}, "gone": {"category": "Beauty", "available": False}})
     t = trending(partitions=1, catalog=catalog)
-    t.apply(b"p0", encode_snapshot(Snapshot(T0, (("gone", 9.0), ("ball", 8.0), ("soap", 7.0), ("unknown", 6.5),
-                                                 ("lipstick", 6.0), ("cream", 5.0)))))
+    ranked = [("gone", 9.0), ("ball", 8.0), ("soap", 7.0), ("unknown", 6.5), ("lipstick", 6.0), ("cream", 5.0)]
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, tuple(ranked))))
     assert [i for i, _ in t.top(10)] == ["ball", "soap", "unknown", "lipstick", "cream"]
     assert [i for i, _ in t.top(2)] == ["ball", "soap"]
     assert [i for i, _ in t.top(10, "beauty")] == ["soap", "lipstick", "cream"]
-    assert [(e.item_id, e.category) for e in t.trends(10, "Beauty / Skin Care")] == \
-        [("soap", "Beauty > Skin Care > Cleansers"), ("cream", "Beauty > Skin Care")]
     assert t.top(10, "Skin Care") == [] and t.top(10, "Garden") == []
+    answer = t.ranked(10, Rules(categories=("Beauty / Skin Care",)))
+    assert answer.items == [("soap", 7.0), ("cream", 5.0)] and answer.model_version == "trending"
+    assert answer.reasons == ["trending:Beauty > Skin Care > Cleansers", "trending:Beauty > Skin Care"]
+    assert t.ranked(2).reasons == ["trending", "trending"] and t.ranked(2, reasons=False).reasons is None
+    cheap = t.ranked(10, Rules(price_max=15, max_per_category=1))
+    assert [i for i, _ in cheap.items] == ["soap", "cream"]  # priced, and one per category
+    not_beauty = t.ranked(10, Rules(exclude_categories=("beauty",), exclude=frozenset({"ball"})))
+    assert [i for i, _ in not_beauty.items] == ["unknown"]
     assert catalog.apply(b"soap", None)  # withdrawn while the answers are cached
     assert "soap" not in dict(t.top(10)) and "soap" not in dict(t.top(10, "Beauty"))
+    assert all(not violations([i for i, _ in t.ranked(10, r).items], r, catalog.meta)
+               for r in (Rules(categories=("beauty",)), Rules(price_max=15, max_per_category=1)))
+
+
+def test_a_small_category_is_found_far_down_the_ranking():
+    """Not only among the best `rules_pool` items: trending in a category means in it."""
+    catalog = catalog_with({"seeds": {"category": "Garden"}})
+    t = trending(partitions=1, catalog=catalog)
+    top = tuple((f"i{n}", 10_000.0 - n) for n in range(5000)) + (("seeds", 0.5),)
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, top)))
+    assert t.top(5, "garden") == [("seeds", 0.5)]
 
 
 # --- the processor's one call ---------------------------------------------------------------

@@ -291,15 +291,59 @@ def as_of(worker) -> float:
     return worker.metrics().get("streamrec_trending_as_of_timestamp_seconds", 0.0)
 
 
+CATEGORIES = ("Shop > Audio > Headphones", "Shop > Audio", "Shop | Phones", "Garden")
+
+
+def send_catalog(settings, rows: list[dict]) -> None:
+    from stream_app.clients.produce import EventProducer
+
+    producer = EventProducer(settings.bootstrap_servers, settings.catalog_topic)
+    for r in rows:
+        producer.send(None if r.get("gone") else json.dumps(r).encode(), r["item_id"].encode())
+    producer.close()
+
+
+def answer(worker, **params) -> list[dict]:
+    """GET /surfaces/trending: its items, the answer checked against the published schema."""
+    import urllib.parse
+
+    from tests.contract_schemas import component, errors
+    from tests.pipeline.test_lookup import get
+
+    status, body = get(worker, f"/surfaces/trending?{urllib.parse.urlencode(params)}")
+    assert status == 200 and not errors(component("Surface"), body), (status, body)
+    assert body["kind"] == "trending" and body["model_version"] == "trending"
+    return body["items"]
+
+
+def agrees(items: list[dict], expected: dict[str, float], k: int) -> bool:
+    """The answer is the offline ranking, to the batch-time tolerance: the right scores, in
+    order, and nothing left out that weighs clearly more than the last one shown."""
+    tol = 2 * BATCH_SPAN_REL
+    scores = [expected.get(i["item_id"], -1.0) for i in items]
+    if any(abs(i["score"] - w) > tol * w + 1e-6 for i, w in zip(items, scores)):
+        return False
+    if any(later > earlier * (1 + tol) for earlier, later in zip(scores, scores[1:])):
+        return False
+    shown = {i["item_id"] for i in items}
+    floor = min(scores) * (1 + tol) if len(items) == k else 0.0
+    return len(items) == min(k, len(expected)) and all(w <= floor for i, w in expected.items() if i not in shown)
+
+
 @pytest.mark.integration
-def test_two_workers_count_every_event_across_a_rebalance(make_settings, start_worker, tmp_path):
+def test_two_workers_answer_trending_alike_across_a_rebalance(make_settings, start_worker, tmp_path):
+    from model.rules import category_path, under
+    from stream_app.clients.produce import EventProducer
     from stream_app.testing.harness import metric_sum
     from stream_app.testing.synth import generate
     from stream_app.transport.broker import free_port
     from tests.helpers import wait_until
 
-    settings = make_settings(partitions=4, trending_publish_s=1.0, trending_half_life_s=HALF_LIFE_S)
+    settings = make_settings(partitions=4, trending_publish_s=1.0, trending_half_life_s=HALF_LIFE_S,
+                             top_k=50)  # a surface's k is at most top_k
     events, _ = generate(users=80, items=60, events=1600, seed=27)
+    rows = [{"item_id": f"i{n}", "title": f"item {n}", "category": CATEGORIES[n % 4], "price": n} for n in range(60)]
+    send_catalog(settings, rows)
     a = start_worker(settings, "a")
     produce(settings, events[:800])
     wait_for_the_topic(settings)
@@ -309,13 +353,24 @@ def test_two_workers_count_every_event_across_a_rebalance(make_settings, start_w
     wait_until(lambda: len(a.partitions()) == 2 and len(b.partitions()) == 2, 60, "the workers to split 4 partitions")
     produce(settings, events[800:])
     now = wait_for_the_topic(settings)
-    _, _, published = on_topic(settings)
-    assert published == {0, 1, 2, 3}
+    assert on_topic(settings)[2] == {0, 1, 2, 3}
     wait_until(lambda: as_of(a) == as_of(b) == now, 30, "both workers to answer from the newest snapshots")
 
-    # hostile records on the topic: ignored, counted, dead-lettered; the answer stays
-    from stream_app.clients.produce import EventProducer
+    expected = offline(settings)
+    top = answer(a, k=20)
+    assert top == answer(b, k=20) and agrees(top, expected, 20), (top, sorted(expected.items(), key=lambda e: -e[1]))
+    assert {i["reason"] for i in top} == {"trending"}
+    category = {r["item_id"]: r["category"] for r in rows}
+    audio = {i: w for i, w in expected.items() if under(category[i], category_path("shop > audio"))}
+    in_audio = answer(a, k=50, category="shop > audio")
+    assert in_audio == answer(b, k=50, category="shop > audio") and agrees(in_audio, audio, 50)
+    assert {i["reason"] for i in in_audio} <= {"trending:Shop > Audio > Headphones", "trending:Shop > Audio"}
+    assert answer(a, k=5, category="garden", max_per_category=1, exclude=top[0]["item_id"])  # rules compose
 
+    send_catalog(settings, [{"item_id": top[0]["item_id"], "gone": True}])  # withdrawn: never answered again
+    wait_until(lambda: all(answer(w, k=19) == top[1:] for w in (a, b)), 30, "both workers to drop the withdrawn item")
+
+    # hostile records on the topic: ignored, counted, dead-lettered; the answer stays
     producer = EventProducer(settings.bootstrap_servers, settings.trending_topic)
     producer.send(b"not json", b"p1")
     producer.send(json.dumps({"v": 1, "t": now, "items": [["evil", 1e9]]}).encode(), b"p99")
@@ -324,7 +379,7 @@ def test_two_workers_count_every_event_across_a_rebalance(make_settings, start_w
                30, "both workers to count the hostile records")
     dead = [r for r in read_all(settings, settings.dlq_topic) if dict(r.headers).get("streamrec-source") == b"trending"]
     assert {dict(r.headers)["streamrec-reason"] for r in dead} == {b"invalid_json", b"bad_partition"}
-    assert a.alive() and b.alive() and as_of(a) == as_of(b) == now
+    assert a.alive() and b.alive() and answer(a, k=19) == answer(b, k=19) == top[1:]
 
     def p1_is_valid_again() -> bool:  # compaction keeps a key's last record: the owner's must be it
         last = [r for r in read_all(settings, settings.trending_topic) if r.key == b"p1"][-1]
