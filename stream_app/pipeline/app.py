@@ -6,8 +6,6 @@
       good    --> users table (one coalesced write per user per batch, RocksDB + changelog)
               --> recommendations (one record per touched user)
               --> latest store (lookups; refilled from recommendations at each assignment)
-              --> trending counts of the owned partitions --every trending_publish_s--> trending
-  trending (compacted; every worker, all partitions, no group) --> the trending answer
   /metrics, /healthz, /readyz and the lookup API: stream_app/pipeline/pages.py.
 
 Topics and table values use the raw codec (a state is encoded once, by state.py, for
@@ -32,12 +30,11 @@ from stream_app.runtime import memory
 from stream_app.transport import storage
 from stream_app.config import Settings
 from stream_app.pipeline.events import encode_event
-from stream_app.pipeline import pages
+from stream_app.pipeline import pages, trending_topic
 from stream_app.pipeline.latest import Refills
 from stream_app.pipeline.pages import owned_partitions
 from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.catalog import Catalog, follow as catalog_follow
-from stream_app.pipeline import trending_topic
 from stream_app.pipeline.trending import Trending
 from stream_app.pipeline.failures import Backoff, Rewind, describe, is_environment
 from stream_app.runtime import failpoints
@@ -292,10 +289,6 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         await catalog_follow(catalog, settings.bootstrap_servers, settings.catalog_topic, aiokafka_options(settings),
                              on_reject=catalog_dead_letter)
 
-    trending_topic.install(app, settings, trending, app.topic(settings.trending_topic, **RAW), fence,
-                           on_reject=lambda key, value, reason: dead_letter(
-                               Message(key, value, 0.0), reason, trending.last_detail or reason, b"trending"))
-
     @app.timer(settings.ttl_sweep_s)
     async def expire_idle_users() -> None:
         """Bounded state: idle users get an expiry event on their own partition (at most
@@ -350,10 +343,10 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         state = processor.states.get(user_id)
         return state if state is not None else UserState.from_json(users.get(user_id))
 
+    trending_topic.install(app, settings, trending, fence, dead_letter)  # docs/design.md, "Trending is the topic's"
     pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
                   failing=lambda: backoff.last_error if backoff.failing else None, surfaces=surfaces,
-                  state_of=state_of, trending=lambda surface, query, _: trending.ranked(
-                      query.k, surface.rules & query.rules, settings.reasons))
+                  state_of=state_of, trending=trending.answer)
     return app
 
 

@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from model.rules import EMPTY, NO_META, Rules, apply as apply_rules
 from stream_app import metrics
@@ -44,6 +44,10 @@ from stream_app.pipeline.events import Event
 from stream_app.pipeline.state import FUTURE_SKEW_S
 from stream_app.pipeline.trending_topic import Rejected, Snapshot, encode_snapshot, parse_snapshot
 from stream_app.serving.recommender import Ranked
+
+if TYPE_CHECKING:
+    from stream_app.serving.lookup import Query
+    from stream_app.serving.surfaces import Surface
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +153,12 @@ class Trending:
     VERSION = "trending"  # the answer's model_version: counts, not a model
 
     def __init__(self, partitions: int, half_life_s: float = 3600.0, max_items: int = 100_000,
-                 keep: int = 1_000, catalog: Any = None, cache_s: float = 1.0,
+                 keep: int = 1_000, catalog: Any = None, cache_s: float = 1.0, reasons: bool = True,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  log_interval_s: float = 60.0) -> None:
         self.partitions, self.rate, self.max_items, self.keep = partitions, math.log(2) / half_life_s, max_items, keep
         self.catalog, self.cache_s, self.clock, self.wall = catalog, cache_s, clock, wall
+        self.reasons = reasons  # a reason per answered item (the `reasons` setting)
         self.live: dict[int, Decayed] = {}
         # gained partitions not yet seeded -> the gain they came with: their live counts hold
         # only what arrived since, and are not published until the topic was read that far
@@ -171,7 +176,7 @@ class Trending:
     @classmethod
     def of(cls, settings: Settings, catalog: Any = None) -> "Trending":
         return cls(settings.partitions, settings.trending_half_life_s, settings.trending_max_items,
-                   settings.trending_keep, catalog)
+                   settings.trending_keep, catalog, reasons=settings.reasons)
 
     # --- live counts (owned partitions) ------------------------------------------------------
 
@@ -337,6 +342,11 @@ class Trending:
             why = [f"trending:{c}" if asked and (c := (meta.get(i) or NO_META).get("category")) else "trending"
                    for i, _ in items]
         return Ranked(items, self.VERSION, "default", why)
+
+    def answer(self, surface: "Surface", query: "Query", category: str | None = None) -> Ranked:
+        """The trending kind of `GET /surfaces/{name}` (stream_app/pipeline/pages.py): the
+        surface's rules and the request's (a requested category is among the latter)."""
+        return self.ranked(query.k, surface.rules & query.rules, self.reasons)
 
     def top(self, n: int, category: str | None = None) -> list[tuple[str, float]]:
         """(item_id, score) of the `n` items trending now (of `category` and under it): score

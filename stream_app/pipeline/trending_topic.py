@@ -258,11 +258,19 @@ async def _reached(consumer: Any, ends: dict) -> bool:
     return True
 
 
-def install(app: "faust.App", settings: Settings, trending: "Trending", topic: "faust.TopicT", fence: "Fence",
-            on_reject: OnReject | None = None) -> None:
-    """The worker's side: a timer that publishes, a task that follows (`on_reject` for each
-    record ignored), the owned partitions at each assignment, and a publish of the revoked
-    ones at each revocation."""
+def install(app: "faust.App", settings: Settings, trending: "Trending", fence: "Fence",
+            dead_letter: Callable[..., Awaitable[None]] | None = None) -> None:
+    """The worker's side: a timer that publishes, a task that follows, the owned partitions
+    at each assignment, and a publish of the revoked ones at each revocation. A record
+    ignored goes to `dead_letter(message, reason, detail, source)` (the app's)."""
+    from stream_app.pipeline.processor import Message  # imported here: the processor imports Trending
+
+    topic = app.topic(settings.trending_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw")
+
+    async def on_reject(key: Any, value: Any, reason: str) -> None:
+        await dead_letter(Message(key, value, 0.0), reason, trending.last_detail or reason, b"trending")
+
     async def send(key: bytes, value: bytes) -> None:
         await (await topic.send(key=key, value=value, force=True))  # delivered, or raises
 
@@ -279,7 +287,7 @@ def install(app: "faust.App", settings: Settings, trending: "Trending", topic: "
         from stream_app.transport.security import aiokafka_options
 
         await follow(trending, settings.bootstrap_servers, settings.trending_topic, aiokafka_options(settings),
-                     on_reject)
+                     on_reject if dead_letter is not None else None)
 
     @app.timer(5.0)
     async def trending_gauges() -> None:

@@ -245,6 +245,20 @@ def test_categories_rules_and_unavailable_items():
                for r in (Rules(categories=("beauty",)), Rules(price_max=15, max_per_category=1)))
 
 
+def test_a_surface_answers_with_its_rules_and_the_request_s():
+    from stream_app.serving.lookup import Query
+    from stream_app.serving.surfaces import Surface
+
+    catalog = catalog_with({"cream": {"category": "Beauty", "price": 12}, "serum": {"category": "Beauty", "price": 40},
+                            "ball": {"category": "Sports", "price": 9}})
+    t = trending(partitions=1, catalog=catalog, reasons=False)
+    t.apply(b"p0", encode_snapshot(Snapshot(T0, (("serum", 3.0), ("ball", 2.0), ("cream", 1.0)))))
+    deals = Surface("deals", "trending", 10, Rules(price_max=15))
+    assert t.answer(deals, Query(k=10)).items == [("ball", 2.0), ("cream", 1.0)]
+    got = t.answer(deals, Query(k=10, rules=Rules(categories=("beauty",))))
+    assert got.items == [("cream", 1.0)] and got.reasons is None
+
+
 def test_a_small_category_is_found_far_down_the_ranking():
     """Not only among the best `rules_pool` items: trending in a category means in it."""
     catalog = catalog_with({"seeds": {"category": "Garden"}})
