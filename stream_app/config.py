@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     dlq_topic: str = Field("clickstream.dlq", description="Dead-letter topic: original bytes + reason headers.")
     recommendations_topic: str = Field("recommendations", description="Output topic (key=user_id, JSON).")
     catalog_topic: str = Field("catalog.items", description="Compacted item upserts (key=item_id, JSON).")
+    trending_topic: str = Field(
+        "trending", description="Compacted trending snapshots, one per input partition (key=p<partition>, JSON)."
+    )
     broker_session_timeout_s: float = Field(10.0, description="Consumer session timeout (Tansu needs it short).")
     broker_heartbeat_interval_s: float = Field(2.0, description="Consumer heartbeat interval.")
     broker_max_poll_interval_s: float = Field(
@@ -125,6 +128,22 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(16_384, ge=256, description="Larger input messages go to the DLQ.")
     dlq_payload_cap: int = Field(
         65_536, ge=0, description="Bytes of the original payload kept in a DLQ record (rest truncated)."
+    )
+
+    # --- Trending (stream_app/pipeline/trending.py) ---------------------------------
+    trending_half_life_s: float = Field(
+        3600.0, ge=1, description="Trending: an item event's weight halves every this many seconds of record time."
+    )
+    trending_publish_s: float = Field(
+        10.0, gt=0, le=3600, description="How often a worker publishes its partitions' trending snapshots; an "
+                                         "event reaches the trending answer within about this long."
+    )
+    trending_keep: int = Field(
+        1_000, ge=1, le=10_000, description="Items per trending snapshot (the strongest of one input partition)."
+    )
+    trending_max_items: int = Field(
+        100_000, ge=2, description="Items a worker counts per owned input partition for trending (~150 bytes "
+                                   "each); past it the weakest half is dropped. At least 2 x trending_keep."
     )
 
     # --- Model serving ---------------------------------------------------------
@@ -225,6 +244,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _trending_fits(self) -> "Settings":
+        """Pruning keeps half of trending_max_items: a snapshot must still find trending_keep."""
+        if self.trending_max_items < 2 * self.trending_keep:
+            raise ValueError(f"trending_max_items={self.trending_max_items} is under 2 x trending_keep="
+                             f"{self.trending_keep}; raise STREAMREC_TRENDING_MAX_ITEMS or lower "
+                             "STREAMREC_TRENDING_KEEP")
+        return self
+
+    @model_validator(mode="after")
     def _security_is_consistent(self) -> "Settings":
         """Refuse settings that would connect with less security than the user asked for
         (credentials or certificates silently unused) or could never connect."""
@@ -259,7 +287,8 @@ class Settings(BaseSettings):
 
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""
-        return [self.events_topic, self.dlq_topic, self.recommendations_topic, self.catalog_topic]
+        return [self.events_topic, self.dlq_topic, self.recommendations_topic, self.catalog_topic,
+                self.trending_topic]
 
 
 # Every command that opens a Kafka client offers these (produce and forget list their flags)

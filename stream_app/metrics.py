@@ -115,6 +115,18 @@ CATALOG_ITEMS = Gauge("streamrec_catalog_items", "Items known to the scorer, by 
 CATALOG_REJECTED = Counter("streamrec_catalog_rejected_total",
                            "Catalog records rejected (their item withdrawn), by reason; label values are "
                            "stream_app.pipeline.catalog.REASONS, exported there.", ["reason"], registry=REGISTRY)
+TRENDING_ITEMS = Gauge("streamrec_trending_items", "Items trending holds, by kind: live (counts of the owned "
+                       "input partitions) or snapshot (the newest snapshot of every partition, which answer).",
+                       ["kind"], registry=REGISTRY)
+TRENDING_AS_OF = Gauge("streamrec_trending_as_of_timestamp_seconds", "Stream time the trending answer is decayed "
+                       "to: the newest snapshot's (0 = none read yet); now minus it is how stale trending is.",
+                       registry=REGISTRY)
+TRENDING_SNAPSHOTS = Counter("streamrec_trending_snapshots_total", "Trending snapshots, by outcome: published "
+                             "(this worker's partitions) or applied (read from the trending topic).", ["outcome"],
+                             registry=REGISTRY)
+TRENDING_REJECTED = Counter("streamrec_trending_rejected_total",
+                            "Trending-topic records ignored, by reason; label values are "
+                            "stream_app.pipeline.trending.REASONS, exported there.", ["reason"], registry=REGISTRY)
 MODEL_INFO = Gauge("streamrec_model_info", "Served model versions (value 1).", ["version", "variant"],
                    registry=REGISTRY)
 MODEL_SWAPS = Counter("streamrec_model_swaps_total", "Checkpoints hot-swapped in.", registry=REGISTRY)

@@ -53,8 +53,8 @@ def test_trainer_does_nothing_when_a_checkpoint_is_there(services, tmp_path):
     assert tried.returncode == 127 and "streamrec" in tried.stderr  # empty: it goes on to train
 
 
-def test_recommendations_and_catalog_topics_are_compacted(services):
+def test_latest_per_key_topics_are_compacted(services):
     lines = script(services["topic-init"]).splitlines()
-    for topic in ("recommendations", "catalog.items"):
+    for topic in ("recommendations", "catalog.items", "trending"):
         line = next(line for line in lines if f"--topic {topic}" in line)
         assert "cleanup.policy=compact" in line, line

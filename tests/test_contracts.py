@@ -27,7 +27,7 @@ def samples(section: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("section, name", [("Event", "event"), ("Recommendation", "recommendation"),
-                                           ("Catalog item", "catalog-item")])
+                                           ("Catalog item", "catalog-item"), ("Trending snapshot", "trending-snapshot")])
 def test_documented_samples_validate(section, name):
     docs = samples(section)
     assert docs
@@ -90,5 +90,5 @@ def test_openapi_names_every_page_and_its_schemas_are_valid():
 
 def test_contracts_cite_the_schemas():
     for path in ("openapi.yaml", "schemas/event.schema.json", "schemas/recommendation.schema.json",
-                 "schemas/catalog-item.schema.json"):
+                 "schemas/catalog-item.schema.json", "schemas/trending-snapshot.schema.json"):
         assert f"]({path})" in CONTRACTS, path

@@ -113,10 +113,12 @@ def test_topic_init_creates_the_settings_topics(services):
     init = services["topic-init"]
     text = command_text(init)
     topics = re.findall(r"--topic\s+(\S+)", text)
-    expected = [default("events_topic"), default("dlq_topic"), default("recommendations_topic"), CATALOG_TOPIC]
+    expected = [default("events_topic"), default("dlq_topic"), default("recommendations_topic"), CATALOG_TOPIC,
+                default("trending_topic")]
     assert sorted(topics) == sorted(expected)
-    catalog_line = next(line for line in text.splitlines() if f"--topic {CATALOG_TOPIC}" in line)
-    assert "cleanup.policy=compact" in catalog_line
+    for compacted in (CATALOG_TOPIC, default("trending_topic")):
+        line = next(line for line in text.splitlines() if f"--topic {compacted}" in line)
+        assert "cleanup.policy=compact" in line
     assert "--if-not-exists" in text  # re-running `docker compose up` must not fail
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
 

@@ -30,11 +30,12 @@ from stream_app.runtime import memory
 from stream_app.transport import storage
 from stream_app.config import Settings
 from stream_app.pipeline.events import encode_event
-from stream_app.pipeline import pages
+from stream_app.pipeline import pages, trending_topic
 from stream_app.pipeline.latest import Refills
 from stream_app.pipeline.pages import owned_partitions
 from stream_app.pipeline.processor import BatchProcessor, Message
 from stream_app.pipeline.catalog import Catalog, follow as catalog_follow
+from stream_app.pipeline.trending import Trending
 from stream_app.pipeline.failures import Backoff, Rewind, describe, is_environment
 from stream_app.runtime import failpoints
 from stream_app.transport.health import BrokerWatch
@@ -130,8 +131,9 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
     recs_topic = app.topic(settings.recommendations_topic, **RAW)
     users = app.Table("users", default=None, partitions=settings.partitions, value_type=bytes,
                       options=rocksdb_options(settings))
+    trending = Trending.of(settings, catalog)
     surfaces = load_surfaces(settings.surfaces_file, settings.top_k)
-    processor = BatchProcessor(settings, lifecycle.recommender, rules=surfaces[OUTPUT].rules)
+    processor = BatchProcessor(settings, lifecycle.recommender, rules=surfaces[OUTPUT].rules, trending=trending)
     cap = settings.dlq_payload_cap
 
     guard = OffsetGuard()
@@ -341,9 +343,10 @@ def create_app(settings: Settings, lifecycle: Lifecycle, catalog: Catalog, broke
         state = processor.states.get(user_id)
         return state if state is not None else UserState.from_json(users.get(user_id))
 
+    trending_topic.install(app, settings, trending, fence, dead_letter)  # docs/design.md, "Trending is the topic's"
     pages.install(app, settings, events_topic, processor.latest, lifecycle, catalog, broker_watch,
                   failing=lambda: backoff.last_error if backoff.failing else None, surfaces=surfaces,
-                  state_of=state_of)
+                  state_of=state_of, trending=trending.answer)
     return app
 
 

@@ -219,12 +219,13 @@ def _utf8(text: str) -> bool:
         return False
 
 
-class _Throttle:
+class Throttle:
     """One warning line per reason per interval, with how many were suppressed: a flood of
-    10,000 hostile records (replayed at every start) must not become 10,000 lines."""
+    10,000 hostile records (replayed at every start) must not become 10,000 lines. Shared by
+    every compacted topic a worker replays (the catalog, trending snapshots)."""
 
-    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
-        self.interval_s, self.clock = interval_s, clock
+    def __init__(self, interval_s: float, clock: Callable[[], float], logger: logging.Logger = log) -> None:
+        self.interval_s, self.clock, self.log = interval_s, clock, logger
         self._next: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
@@ -235,7 +236,7 @@ class _Throttle:
             return
         self._next[reason] = now + self.interval_s
         more = self._suppressed.pop(reason, 0)
-        log.warning("%s%s", msg, f" ({more} more since the last such line)" if more else "", exc_info=exc_info)
+        self.log.warning("%s%s", msg, f" ({more} more since the last such line)" if more else "", exc_info=exc_info)
 
 
 class Catalog:
@@ -252,7 +253,7 @@ class Catalog:
         self._indices: list = []  # ItemIndex objects of served models
         self._blocked: dict[int, tuple[int, int, torch.Tensor]] = {}
         self.max_value_bytes, self.max_key_bytes = max_value_bytes, max_key_bytes
-        self._throttle = _Throttle(log_interval_s, clock)
+        self._throttle = Throttle(log_interval_s, clock)
         self.last_reason: str | None = None  # why the last apply() returned False (None: applied)
         self.last_detail: str | None = None
         # set once every record that was on the topic when the worker started is applied:

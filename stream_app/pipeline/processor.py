@@ -18,6 +18,7 @@ from stream_app.config import Settings
 from stream_app.pipeline.events import Event, InvalidEvent, decode_event
 from model.rules import EMPTY, Rules
 from stream_app.pipeline.latest import SCHEMA_VERSION, LatestStore
+from stream_app.pipeline.trending import Trending
 from stream_app.serving.recommender import Recommender, Refresh
 from stream_app.pipeline.state import StateCache, UserState
 
@@ -56,13 +57,14 @@ class Outcome:
 
 class BatchProcessor:
     def __init__(self, settings: Settings, recommender: Recommender, clock: Callable[[], float] = time.time,
-                 latest: LatestStore | None = None, rules: Rules = EMPTY) -> None:
+                 latest: LatestStore | None = None, rules: Rules = EMPTY, trending: Trending | None = None) -> None:
         """`rules`: the published surface's (stream_app/serving/surfaces.py, `for_you`)."""
         self.settings = settings
         self.rules = rules
         self.recommender = recommender  # swapped atomically between batches on model reload
         self.clock = clock
         self.latest = latest if latest is not None else LatestStore()
+        self.trending = trending if trending is not None else Trending.of(settings)
         self.states = StateCache(int(settings.state_cache_mb * 2**20))
         self.forgotten = ForgetMarks()
 
@@ -106,6 +108,7 @@ class BatchProcessor:
             out.duplicates += dups
             for ev in accepted:
                 self.latest.score(ev)
+                self.trending.observe(ev, messages[items[-1][0]])  # by the user's newest record time
                 self.recommender.observe(previous, ev)
                 out.accepted[ev.type] += 1
                 if ev.item_id is not None:

@@ -39,6 +39,7 @@ def isolated_settings(bootstrap: str, name: str, workdir: Path, **overrides) -> 
 
     base = dict(bootstrap_servers=bootstrap, app_id=name, events_topic=f"{name}.events", dlq_topic=f"{name}.dlq",
                 recommendations_topic=f"{name}.recs", catalog_topic=f"{name}.catalog",
+                trending_topic=f"{name}.trending",
                 state_dir=workdir / f"{name}-state", web_port=free_port())
     settings = Settings(**{**base, **overrides})
     ensure_topics(settings)

@@ -141,11 +141,12 @@ def wait_for_broker(bootstrap: str, timeout: float, options: dict[str, Any] | No
 
 
 def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
-    """Configs a topic is created with. The catalog (latest row per item) and the
-    recommendations (latest list per user, a tombstone for a forgotten user) are compacted:
-    only the newest record per key means anything, and compaction is what lets a
-    tombstone erase a forgotten user's list from the topic (docs/contracts.md)."""
-    compacted = {settings.catalog_topic, settings.recommendations_topic}
+    """Configs a topic is created with. The catalog (latest row per item), the
+    recommendations (latest list per user, a tombstone for a forgotten user) and trending
+    (latest snapshot per input partition) are compacted: only the newest record per key
+    means anything, and compaction is what lets a tombstone erase a forgotten user's list
+    from the topic (docs/contracts.md)."""
+    compacted = {settings.catalog_topic, settings.recommendations_topic, settings.trending_topic}
     return {"cleanup.policy": "compact"} if topic in compacted else {}
 
 
