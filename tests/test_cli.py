@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,9 @@ def test_demo_runs_and_reports(tmp_path):
     result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out), "--users", "500",
                        "--web-port", str(free_port()), "--model-cache", str(tmp_path / "models"), timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
+    # the broker's address, as one line a user pastes to run the README's examples beside it
+    exports = [line for line in result.stderr.splitlines() if line.startswith("export STREAMREC_BOOTSTRAP_SERVERS=")]
+    assert len(exports) == 1 and re.match(r"export STREAMREC_BOOTSTRAP_SERVERS=127\.0\.0\.1:\d+ ", exports[0])
     summary = json.loads(out.read_text())
     assert summary["events"] > 1000 and summary["recommendations"] > 100 and summary["dlq"] > 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]

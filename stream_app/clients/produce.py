@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]
     settings: Settings = settings_from_args(args)
     if settings.embedded:
         raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS (e.g. the address "
-                        "`streamrec broker` or `streamrec worker` printed) or pass --bootstrap-servers")
+                        "`streamrec demo`, `broker` or `worker` printed) or pass --bootstrap-servers")
     for path in (args.file, args.catalog):
         if path is not None and not path.is_file():
             raise UserError(f"{path} not found; create one with `streamrec synth --out FILE --catalog FILE`")
