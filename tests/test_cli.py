@@ -44,6 +44,21 @@ def test_user_errors_are_one_line_naming_the_fix(args, fix):
     assert len(lines) == 1 and fix in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("bench,package", [("soak", "psutil"), ("retrieval", "matplotlib")])
+def test_a_benchmark_without_the_bench_extra_is_one_line_naming_it(bench, package, tmp_path):
+    """A core install (the Docker image) lacks what only benchmarks need: the run stops
+    before it starts anything, with the pip command that adds it."""
+    import os
+    (tmp_path / f"{package}.py").write_text("raise ImportError('left out: a core install')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "stream_app.cli", "bench", bench, "--json", str(tmp_path / "b.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert f"streamrec bench {bench} needs {package}" in lines[0] and "pip install 'streamrec[bench]'" in lines[0]
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_unreachable_broker_is_a_bounded_one_line_error():
     result = streamrec("worker", "--bootstrap-servers", "127.0.0.1:1", "--broker-connect-timeout-s", "2")
     assert result.returncode == 2
