@@ -41,7 +41,7 @@ REQUIRED_ALERTS = {
     "StreamrecWorkerDown", "StreamrecConsumerLagGrowing", "StreamrecDeadLetterRateHigh",
     "StreamrecLatencyP99High", "StreamrecNoRecommendations", "StreamrecCacheHitRatioLow",
     "StreamrecServedModelStale", "StreamrecLearnerDown", "StreamrecEnvironmentFailures", "StreamrecWorkerStalled",
-    "StreamrecCatalogRejects",
+    "StreamrecCatalogRejects", "StreamrecNoModel",
 }
 METRIC_RE = re.compile(r"\b(?:streamrec|process|python)_[a-zA-Z0-9_]+\b")  # ours + runtime collectors
 ENV_RE = re.compile(r"\bSTREAMREC_[A-Z0-9_]+\b")
