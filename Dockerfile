@@ -1,7 +1,9 @@
 # streamrec worker / producer image (CPU). Build: docker build -t streamrec .
-# GPU hosts: build with a CUDA wheel index, e.g.
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 -t streamrec:gpu .
-# and enable the GPU reservation block of the worker in docker-compose.yml.
+# GPU hosts: the same torch pin from PyPI, whose Linux x86_64 wheel is the CUDA 13.0 build
+# (NVIDIA driver 580 or newer; older drivers: docs/model.md, "GPU"):
+#   docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t streamrec:gpu .
+# In Compose: uncomment the worker's GPU reservation and run
+#   TORCH_INDEX_URL=https://pypi.org/simple docker compose up -d --build
 FROM python:3.11-slim
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

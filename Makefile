@@ -3,13 +3,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where the torch pin (requirements/cpu-torch.txt) comes from: PyTorch's CPU wheels, which
+# outrank PyPI's build of the same version (PyPI's Linux wheel is the CUDA build, several GB).
+# GPU hosts: make setup TORCH_INDEX_URL=https://pypi.org/simple (docs/model.md, "GPU").
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test prometheus jemalloc clean
 
 $(STAMP): pyproject.toml requirements/cpu-torch.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements/cpu-torch.txt
+	$(BIN)/pip install -q --extra-index-url $(TORCH_INDEX_URL) -r requirements/cpu-torch.txt
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -347,10 +348,17 @@ def save_run(out_dir: str, model: SeqRec, ds: Dataset, info: dict) -> str:
     return version
 
 
-def plot_curve(history: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curve(history: list[dict], path: str) -> bool:
+    """The curve as a PNG beside the checkpoint, where matplotlib is installed (the [bench]
+    extra). The numbers are in checkpoint.json either way, so a core install (the Docker
+    image's trainer) skips the picture with one line rather than failing a finished run."""
+    from stream_app.errors import UserError, optional
+    try:
+        optional("matplotlib", "bench", "the training curve").use("Agg")
+        plt = optional("matplotlib.pyplot", "bench", "the training curve")
+    except UserError as exc:
+        print(f"{os.path.basename(path)} not written: {exc}", file=sys.stderr)
+        return False
     ep = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(ep, [r["loss"] for r in history], "b-o", ms=3, label="train loss")
@@ -363,6 +371,7 @@ def plot_curve(history: list[dict], path: str) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

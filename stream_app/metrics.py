@@ -173,6 +173,10 @@ EXPIRED_USERS = Counter("streamrec_expired_users_total", "Users dropped by the i
 
 MODEL_AGE = Gauge("streamrec_model_age_seconds", "Seconds since the served checkpoint was written, by variant.",
                   ["variant"], registry=REGISTRY)
+MODEL_WAITING = Gauge("streamrec_model_waiting_seconds",
+                      "Seconds a variant with a model directory has served the co-occurrence baseline because the "
+                      "directory holds no checkpoint that loads; exported only while it waits.", ["variant"],
+                      registry=REGISTRY)
 
 # --- stage profile (docs/operations.md, "Where a worker's time goes") -----------------
 STAGES = ("decode", "state_read", "update", "rank", "state_write", "send")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,21 @@ def test_user_errors_are_one_line_naming_the_fix(args, fix):
     assert len(lines) == 1 and fix in lines[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("bench,package", [("soak", "psutil"), ("retrieval", "matplotlib")])
+def test_a_benchmark_without_the_bench_extra_is_one_line_naming_it(bench, package, tmp_path):
+    """A core install (the Docker image) lacks what only benchmarks need: the run stops
+    before it starts anything, with the pip command that adds it."""
+    import os
+    (tmp_path / f"{package}.py").write_text("raise ImportError('left out: a core install')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "stream_app.cli", "bench", bench, "--json", str(tmp_path / "b.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert f"streamrec bench {bench} needs {package}" in lines[0] and "pip install 'streamrec[bench]'" in lines[0]
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_unreachable_broker_is_a_bounded_one_line_error():
     result = streamrec("worker", "--bootstrap-servers", "127.0.0.1:1", "--broker-connect-timeout-s", "2")
     assert result.returncode == 2
@@ -58,6 +74,9 @@ def test_demo_runs_and_reports(tmp_path):
     result = streamrec("demo", "--duration", "12", "--rate", "200", "--json", str(out), "--users", "500",
                        "--web-port", str(free_port()), "--model-cache", str(tmp_path / "models"), timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
+    # the broker's address, as one line a user pastes to run the README's examples beside it
+    exports = [line for line in result.stderr.splitlines() if line.startswith("export STREAMREC_BOOTSTRAP_SERVERS=")]
+    assert len(exports) == 1 and re.match(r"export STREAMREC_BOOTSTRAP_SERVERS=127\.0\.0\.1:\d+ ", exports[0])
     summary = json.loads(out.read_text())
     assert summary["events"] > 1000 and summary["recommendations"] > 100 and summary["dlq"] > 0
     assert 0 < summary["p50_ms"] <= summary["p99_ms"]

@@ -41,7 +41,7 @@ REQUIRED_ALERTS = {
     "StreamrecWorkerDown", "StreamrecConsumerLagGrowing", "StreamrecDeadLetterRateHigh",
     "StreamrecLatencyP99High", "StreamrecNoRecommendations", "StreamrecCacheHitRatioLow",
     "StreamrecServedModelStale", "StreamrecLearnerDown", "StreamrecEnvironmentFailures", "StreamrecWorkerStalled",
-    "StreamrecCatalogRejects",
+    "StreamrecCatalogRejects", "StreamrecNoModel",
 }
 METRIC_RE = re.compile(r"\b(?:streamrec|process|python)_[a-zA-Z0-9_]+\b")  # ours + runtime collectors
 ENV_RE = re.compile(r"\bSTREAMREC_[A-Z0-9_]+\b")
@@ -239,6 +239,24 @@ def test_dockerfile_installs_cpu_torch_pin_first_as_non_root():
     ignore = (ROOT / ".dockerignore").read_text().split()
     for needed in ("!pyproject.toml", "!requirements/", "!stream_app/", "!model/"):
         assert needed in ignore
+
+
+def test_torch_pin_comes_from_one_index_setting_everywhere(compose):
+    """make, the Dockerfile and Compose take the torch pin from TORCH_INDEX_URL, the CPU
+    wheels unless told; docs/model.md's GPU command overrides that same name (PyPI's
+    build of the pin is the CUDA one)."""
+    cpu = "https://download.pytorch.org/whl/cpu"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^TORCH_INDEX_URL \?= {re.escape(cpu)}$", makefile, re.M)
+    assert re.search(r"pip install .*--extra-index-url \$\(TORCH_INDEX_URL\) -r requirements/cpu-torch\.txt",
+                     makefile)
+    dockerfile = DOCKERFILE.read_text()
+    assert f"ARG TORCH_INDEX_URL={cpu}" in dockerfile
+    assert re.search(r'^RUN pip install --index-url "\$\{TORCH_INDEX_URL\}" -r ', dockerfile, re.M)
+    assert interpolate(compose["x-streamrec-image"]["build"]["args"]["TORCH_INDEX_URL"]) == cpu
+    gpu = "TORCH_INDEX_URL=https://pypi.org/simple"
+    assert f"make setup {gpu}" in (ROOT / "docs" / "model.md").read_text()
+    assert gpu in dockerfile and gpu in COMPOSE.read_text()
 
 
 # --------------------------------------------------------------------- metric names

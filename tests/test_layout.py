@@ -66,3 +66,55 @@ def test_module_map_names_every_module():
     unnamed = [str(path.relative_to(ROOT)) for path in modules().values()
                if path.stat().st_size and f"`{path.relative_to(ROOT)}`" not in text]
     assert not unnamed, f"docs/design.md's module map does not name {unnamed}"
+
+
+def extra_packages() -> dict[str, str]:
+    """Import name -> optional extra (pyproject.toml), for every extra but dev (tests only)."""
+    import re
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = re.compile(r"[A-Za-z0-9_.-]+")
+    core = {name.match(req).group(0).lower() for req in project["dependencies"]}
+    out = {}
+    for extra, reqs in project["optional-dependencies"].items():
+        for req in reqs:
+            package = name.match(req).group(0).lower()
+            if extra != "dev" and not package.startswith("streamrec"):
+                assert package not in core, f"{package} is both core and in [{extra}]"
+                out[package.replace("-", "_")] = extra
+    return out
+
+
+def direct_imports(tree: ast.AST) -> set[str]:
+    """Top-level package names of every import statement, at any depth."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def declared_needs(tree: ast.Module) -> set[str]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NEEDS" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def test_extras_are_imported_only_behind_a_check():
+    """A core install (the Docker image) lacks the optional extras. Product and tooling
+    modules reach them only through stream_app.errors.optional (a one-line error naming the
+    extra), except a benchmark that lists them in NEEDS, which `streamrec bench` checks with
+    it before the run starts."""
+    extras = extra_packages()
+    assert extras, "pyproject.toml declares no optional extra besides dev"
+    wrong = {}
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        allowed = declared_needs(tree) if name.startswith("stream_app.bench.") else set()
+        bad = sorted((direct_imports(tree) & extras.keys()) - allowed)
+        if bad:
+            wrong[name] = bad
+    assert not wrong, f"import these via stream_app.errors.optional (or a bench module's NEEDS): {wrong}"

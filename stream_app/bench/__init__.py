@@ -42,8 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=summary, description=summary, epilog=getattr(module, "EXAMPLES", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_bench_run=module.run)
+        p.set_defaults(_bench_run=module.run, _bench_needs=getattr(module, "NEEDS", ()))
 
 
 def run(args: argparse.Namespace) -> int:
+    """A benchmark's optional packages (its NEEDS) are checked before it starts anything:
+    a plot that fails after a 30-minute soak would lose the run."""
+    from stream_app.errors import optional
+    for module in args._bench_needs:
+        optional(module, "bench", f"streamrec bench {args.bench}")
     return args._bench_run(args)

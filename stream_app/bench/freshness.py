@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+NEEDS = ("psutil", "matplotlib")  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
   streamrec bench freshness --json freshness.json --plot freshness.png
   streamrec bench freshness --events 40000 --rate 300 --learn-interval-s 20 --json f.json

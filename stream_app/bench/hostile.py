@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     with EmbeddedBroker() as broker:
         settings = isolated_settings(broker.bootstrap, "hostile", workdir, model_dir=model)
         result = run_hostile(settings, stream, workdir, args.timeout, args.rate, console.print)
-    result["config"] = {k: v for k, v in vars(args).items() if k not in ("json", "_bench_run")}
+    result["config"] = {k: v for k, v in vars(args).items() if k != "json" and not k.startswith("_bench")}
 
     table = Table(title="hostile input (one worker)")
     for col in ("what", "sent", "outcome"):

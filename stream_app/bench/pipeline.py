@@ -27,6 +27,7 @@ from rich.table import Table
 
 from stream_app.testing.checkpoints import random_checkpoint
 
+NEEDS = ("psutil", "matplotlib")  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
   streamrec bench pipeline --json pipeline.json
   streamrec bench pipeline --levels 1000 2000 4000 8000 --seconds 15 --plot pipeline.png
@@ -372,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
               "stage_profile_at_2000": next((r["cpu_us_per_event"] for r in rows
                                              if r["engine"] == plan[0][0] and r["offered"] == 2000), None),
               "engines": by_engine,
-              "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "_bench_run")},
+              "config": {k: v for k, v in vars(args).items()
+                         if k not in ("json", "plot") and not k.startswith("_bench")},
               "levels": rows}
     table = Table(title="pipeline benchmark (per worker)")
     for col in ("engine", "offered", "processed_per_s", "p50_ms", "p99_ms", "cpu_pct", "rss_mb"):

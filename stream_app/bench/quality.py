@@ -32,6 +32,7 @@ PUBLISHED = {
 }
 WHO = {"hybrid": "served", "transformer": "transformer", "transition": "transition"}
 
+NEEDS = ("matplotlib",)  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
   streamrec bench quality --data beauty.pairs.gz --json quality_beauty.json --plot quality_beauty.png
   streamrec bench quality --data beauty.pairs.gz --checkpoint runs/beauty   # score a trained run, no training

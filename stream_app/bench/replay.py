@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"events": events, "users": len(splits), "answered": len(published),
               "end_to_end_s": round(seconds, 1), "end_to_end_events_per_s": round(events / seconds, 1),
               "worker_events_per_s": round(events / worker_s, 1) if worker_s else None,
-              "config": {k: str(v) for k, v in vars(args).items() if k not in ("json", "_bench_run")}}
+              "config": {k: str(v) for k, v in vars(args).items() if k != "json" and not k.startswith("_bench")}}
     if worker_s:
         result["end_to_end_vs_worker"] = round(result["end_to_end_events_per_s"] / result["worker_events_per_s"], 3)
     console.print(f"answered {len(published):,}/{len(splits):,} users; end to end {result['end_to_end_events_per_s']:,.0f}"

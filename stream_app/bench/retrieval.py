@@ -25,6 +25,7 @@ import torch
 from model.cache import ItemScorer
 from model.retrieval import ANNIndex
 
+NEEDS = ("matplotlib",)  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
   streamrec bench retrieval --items 24000 1000000 --json retrieval.json --plot retrieval.png
   streamrec bench retrieval --checkpoint runs/beauty --data beauty.pairs.gz --items 24000 1000000

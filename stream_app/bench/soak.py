@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+NEEDS = ("psutil", "matplotlib")  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
   streamrec bench soak --minutes 30 --rate 2000 --json soak.json --plot soak.png
   streamrec bench soak --minutes 3 --rate 500          # a quick look

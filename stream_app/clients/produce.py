@@ -1,10 +1,13 @@
 """Send events to the events topic from a JSONL file, or catalog rows to the catalog topic.
 
-Events are keyed by user_id (state is partitioned by key). The producer is not
-idempotent because the embedded broker rejects idempotent producers; exactly-once
-effect comes from event_id dedupe in the worker (docs/design.md, "Idempotent replay").
-The `--synthetic` source of `streamrec produce` is tooling and lives in
-stream_app/testing/traffic.py, which builds on this module."""
+Events are keyed by user_id (state is partitioned by key). Against Kafka the producer is
+idempotent (`--idempotence auto`): a retried send is not written twice, so the topic holds
+what the file held. Against the embedded broker (Tansu) it is not, unless told: Tansu
+refuses aiokafka's idempotent producer and what it does with kafka-python's sequence
+numbers is not established (docs/facts.md). Either way the worker's event_id dedupe makes
+the effect exactly-once (docs/design.md, "Idempotent replay"). The `--synthetic` source of
+`streamrec produce` is tooling and lives in stream_app/testing/traffic.py, which builds on
+this module."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +27,9 @@ EXAMPLES = """examples:
   streamrec produce --file events.jsonl --rate 2000
   streamrec produce --synthetic --rate 200 --duration 30 --bad-rate 0.01   # 1% malformed
   streamrec produce --catalog catalog.jsonl      # item upserts: {"item_id","title","category","price","available"}
+  streamrec produce --file events.jsonl --idempotence off   # a broker that refuses idempotent producers
 """
+IDEMPOTENCE = ("auto", "on", "off")
 
 
 class EventProducer:
@@ -41,6 +46,7 @@ class EventProducer:
         self.topic = topic
         self.producer = KafkaProducer(**{"bootstrap_servers": bootstrap, "enable_idempotence": False, "acks": "all",
                                          "linger_ms": 5, "max_request_size": 1_048_576, **(options or {})})
+        self.idempotent = bool(self.producer.config.get("enable_idempotence"))
         self.sent = 0
         self.failed = 0
         self.last_error = ""
@@ -59,8 +65,9 @@ class EventProducer:
     def check(self) -> None:
         """After a flush: a one-line error if the broker refused any send."""
         if self.failed:
+            hint = " (or pass --idempotence off if it refuses idempotent producers)" if self.idempotent else ""
             raise UserError(f"{self.failed} of {self.sent} messages were not written to {self.topic} "
-                            f"({self.last_error}); check the broker and resend")
+                            f"({self.last_error}); check the broker{hint} and resend")
 
     def send_event(self, event: dict) -> None:
         self.send(encode_event(event), str(event["user_id"]).encode())
@@ -113,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiv
     src.add_argument("--catalog", type=Path, help="JSONL catalog rows -> the compacted catalog topic")
     parser.add_argument("--rate", type=float, default=None, help="messages/s (default: synthetic 200, file unpaced)")
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (synthetic default: 60)")
+    parser.add_argument("--idempotence", choices=IDEMPOTENCE, default="auto",
+                        help="idempotent producer: auto (default) is on against Kafka, off against the embedded "
+                             "broker (Tansu, known by its cluster id)")
     add_settings_arguments(parser, only=["bootstrap_servers", "events_topic", "catalog_topic", *SECURITY_FIELDS])
     return src
 
@@ -132,7 +142,7 @@ def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]
     settings: Settings = settings_from_args(args)
     if settings.embedded:
         raise UserError("no broker configured; set STREAMREC_BOOTSTRAP_SERVERS (e.g. the address "
-                        "`streamrec broker` or `streamrec worker` printed) or pass --bootstrap-servers")
+                        "`streamrec demo`, `broker` or `worker` printed) or pass --bootstrap-servers")
     for path in (args.file, args.catalog):
         if path is not None and not path.is_file():
             raise UserError(f"{path} not found; create one with `streamrec synth --out FILE --catalog FILE`")
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]
     options = kafka_python_options(settings)
     wait_for_broker(settings.bootstrap_servers, settings.broker_connect_timeout_s, options)
     topic = settings.catalog_topic if args.catalog else settings.events_topic
-    producer = EventProducer(settings.bootstrap_servers, topic, options)
+    producer = open_producer(settings.bootstrap_servers, topic, options, args.idempotence)
     try:
         if args.catalog:
             sent = producer.paced(catalog_messages(args.catalog), args.rate, args.duration)
@@ -153,5 +163,22 @@ def run(args: argparse.Namespace, synthetic: Iterable[tuple[bytes, bytes | None]
     finally:
         producer.close()
     producer.check()
-    print(f"produce: {sent} messages sent to {topic} at {settings.bootstrap_servers}")
+    print(f"produce: {sent} messages sent to {topic} at {settings.bootstrap_servers} "
+          f"(idempotence {'on' if producer.idempotent else 'off'})")
     return 0
+
+
+def open_producer(bootstrap: str, topic: str, options: dict[str, Any], idempotence: str = "auto") -> EventProducer:
+    """The producer for `--idempotence`: `auto` is on unless the broker is the embedded one.
+    A broker that cannot take an idempotent producer (Kafka before 0.11, which kafka-python
+    refuses when idempotence is asked for) is a one-line error naming the flag."""
+    from kafka.errors import KafkaConfigurationError
+
+    from stream_app.transport.broker import is_tansu
+
+    wanted = idempotence == "on" or (idempotence == "auto" and not is_tansu(bootstrap, options))
+    try:
+        return EventProducer(bootstrap, topic, {**options, "enable_idempotence": wanted})
+    except KafkaConfigurationError as exc:
+        raise UserError(f"Kafka at {bootstrap} cannot take an idempotent producer ({exc}); "
+                        "pass --idempotence off") from None

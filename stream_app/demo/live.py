@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     with kafka_for(settings) as ready:
         if settings.embedded:  # a memory broker's offsets die with it: start from empty state
             ready = ready.model_copy(update={"state_dir": workdir / "state"})
-        console.print(f"broker {ready.bootstrap_servers} · worker log {workdir / 'worker.log'} · "
+        # one pasteable line: the README's producer and subscriber examples read this variable
+        console.print(f"export STREAMREC_BOOTSTRAP_SERVERS={ready.bootstrap_servers}   "
+                      "# the demo's broker: produce and subscribe here", soft_wrap=True, highlight=False)
+        console.print(f"worker log {workdir / 'worker.log'} · "
                       f"metrics http://{ready.web_host}:{ready.web_port}/metrics")
         worker = WorkerProcess(ready, workdir / "worker.log").start()
         try:

@@ -139,6 +139,7 @@ class Lifecycle:
         self.served: dict[str, Path] = {}
         self.failed: dict[Path, tuple] = {}  # checkpoint -> fingerprint of the files that failed
         self.arms: dict[str, object] = {}
+        self._waiting_since: dict[str, float] = {}  # variant name -> monotonic time its wait began
         if self.dirs["B"] is not None and self.dirs["A"] is None:
             raise UserError("model_b_dir needs model_dir (variant A) too; set STREAMREC_MODEL_DIR")
         for variant, path in self.dirs.items():
@@ -210,10 +211,23 @@ class Lifecycle:
                 metrics.MODEL_INFO.labels(self.fallback.version, name).set(1)
             else:
                 metrics.MODEL_INFO.remove(self.fallback.version, name)
+            self._export_waiting(name, name in waiting)
         if self.dirs["B"] is None:
             return self.arms.get("A", self.fallback)
         return ABRouter({v: self.arms.get(v) or FallbackArm(self.fallback, v) for v in ("A", "B")},
                         self.settings.ab_split, self.fallback)
+
+    def _export_waiting(self, name: str, waiting: bool) -> None:
+        """streamrec_model_waiting_seconds while a variant with a model directory waits for
+        its first loadable checkpoint. streamrec_model_age_seconds exists only for a served
+        checkpoint, so without this a worker whose directory is mistyped or never filled
+        would serve the baseline forever with no alert (StreamrecNoModel)."""
+        if not waiting:
+            self._waiting_since.pop(name, None)
+            metrics.MODEL_WAITING.remove(name)
+        elif name not in self._waiting_since:
+            since = self._waiting_since[name] = time.monotonic()
+            metrics.MODEL_WAITING.labels(name).set_function(lambda: time.monotonic() - since)
 
     async def poll(self) -> bool:
         """Swap in the newest checkpoint newer than the served one that loads (loaded in a

@@ -69,6 +69,26 @@ def test_checkpoint_round_trip(trained) -> None:
         checkpoint.load(os.path.dirname(out))
 
 
+def test_training_curve_is_skipped_in_one_line_without_the_bench_extra(tmp_path, monkeypatch, capsys) -> None:
+    """A core install (the Docker image's trainer) has no matplotlib: the finished run keeps
+    its checkpoint, whose checkpoint.json holds the history the picture would show."""
+    import sys
+
+    import matplotlib  # noqa: F401  (imported first, so the real module is what comes back afterwards)
+
+    from model.train import plot_curve
+    history = [{"epoch": 1, "loss": 2.0, "val_ndcg": 0.1, "val_hr": 0.2}]
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like to import
+        assert plot_curve(history, str(tmp_path / "training_curve.png")) is False
+    assert not (tmp_path / "training_curve.png").exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "training_curve.png not written" in lines[0]
+    assert "pip install 'streamrec[bench]'" in lines[0]
+    assert plot_curve(history, str(tmp_path / "training_curve.png")) is True  # with the extra: written
+    assert (tmp_path / "training_curve.png").stat().st_size > 0
+
+
 def test_cli_train_and_eval(pairs_file, tmp_path, capsys) -> None:
     out = tmp_path / "cli_run"
     rc = cli(["train", "--data", pairs_file, "--format", "pairs", "--out", str(out), "--epochs", "2", "--dim", "16",

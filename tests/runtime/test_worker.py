@@ -57,6 +57,7 @@ def test_an_empty_model_dir_serves_the_baseline_then_the_first_checkpoint(world,
     log = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.strip()]
     assert all({"ts", "level", "logger", "message"} <= set(entry) for entry in log)  # every line is JSON
     assert sum("waits for a checkpoint" in entry["message"] for entry in log) == 1 and worker.alive()
+    assert worker.metrics()['streamrec_model_waiting_seconds{variant="default"}'] > 0  # StreamrecNoModel's gauge
     shutil.copytree(ckpt, tmp_path / "staging-v1")
     (tmp_path / "staging-v1").rename(models / "v1")  # published by a rename, as the learner does
     version = checkpoint.load(str(models / "v1"))[1]["version"]
@@ -68,4 +69,5 @@ def test_an_empty_model_dir_serves_the_baseline_then_the_first_checkpoint(world,
     later = reader.read_until(lambda records: version in versions(records), 60)
     assert version in versions(later)
     assert worker.metrics().get('streamrec_model_info{variant="default",version="cooccurrence-v1"}') is None
+    assert worker.metrics().get('streamrec_model_waiting_seconds{variant="default"}') is None
     reader.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ def model_info(version: str, variant: str = "default") -> float | None:
     return metrics.REGISTRY.get_sample_value("streamrec_model_info", {"version": version, "variant": variant})
 
 
+def waiting(variant: str = "default") -> float | None:
+    return metrics.REGISTRY.get_sample_value("streamrec_model_waiting_seconds", {"variant": variant})
+
+
 def test_startup_with_nothing_loadable_serves_the_baseline_and_counts_the_rejects(models, caplog):
     """A worker that stays up is what an orchestrator needs (docs/design.md, "A model
     directory may start empty"): broken checkpoints are counted and logged, not fatal."""
@@ -69,7 +74,7 @@ def test_startup_with_nothing_loadable_serves_the_baseline_and_counts_the_reject
     assert life.recommender is life.fallback and not life.served
     assert rejected("corrupt") == before + 3
     assert "3 rejected" in caplog.text and "waits for a checkpoint" in caplog.text
-    assert model_info("cooccurrence-v1") == 1
+    assert model_info("cooccurrence-v1") == 1 and waiting() >= 0
 
 
 @pytest.mark.parametrize("empty", ["missing", "empty dir"])
@@ -99,13 +104,33 @@ def test_ab_with_one_empty_arm_answers_that_variant_with_the_baseline(models, tm
     (tmp_path / "b").mkdir()
     life = Lifecycle(Settings(model_dir=root, model_b_dir=tmp_path / "b", ab_split=0.5, cache_mb=1.0))
     assert set(life.served) == {"A"} and model_info("cooccurrence-v1", "B") == 1
+    assert waiting("B") >= 0 and waiting("A") is None
     known = UserState(history=[("i1", 1, 1.0, "")], count=1)  # an item the model knows: it answers
     batch = [Refresh(f"u{n}", known, ()) for n in range(40)]
     out = {(r.variant, r.model_version) for r in life.recommender.recommend(batch, 5)}
     assert out == {("A", s2), ("B", "cooccurrence-v1")}
     shutil.copytree(root / s1, tmp_path / "b" / "v1")
     assert asyncio.run(life.poll()) and set(life.served) == {"A", "B"}
-    assert model_info("cooccurrence-v1", "B") is None
+    assert model_info("cooccurrence-v1", "B") is None and waiting("B") is None
+
+
+def test_a_variant_waiting_for_its_first_checkpoint_exports_how_long(tmp_path):
+    """The gauge behind StreamrecNoModel (deploy/prometheus/alerts.yml): none without a
+    model directory (the baseline on purpose), present and growing from the start of the
+    wait while the directory has nothing loadable, gone once a checkpoint serves."""
+    Lifecycle(Settings(model_dir=""))
+    assert waiting() is None
+    root = tmp_path / "models"
+    life = Lifecycle(settings(root))
+    first = waiting()
+    assert first is not None and first >= 0
+    time.sleep(0.05)
+    assert not asyncio.run(life.poll())  # still nothing: the wait goes on, counted from its start
+    assert waiting() >= first + 0.05
+    checkpoint.save(str(root / "v1"), tiny_model(0))
+    assert asyncio.run(life.poll()) and life.served["A"] == root / "v1"
+    assert waiting() is None
+    assert metrics.REGISTRY.get_sample_value("streamrec_model_age_seconds", {"variant": "default"}) >= 0
 
 
 def test_empty_model_dir_setting_means_none(monkeypatch):
