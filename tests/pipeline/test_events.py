@@ -9,7 +9,7 @@ from stream_app.pipeline.events import (
     CONTROL_TYPES, EVENT_TYPES, MAX_LEN, REASONS, TS_MAX, TS_MIN, Event, InvalidEvent, decode_event, encode_event,
     parse_ts,
 )
-from model import features
+from model import event_types, features
 from stream_app.testing.hostile import CASES, malformed
 
 GOOD = {"event_id": "e1", "user_id": "u1", "type": "click", "item_id": "i9", "ts": 1767225600}
@@ -40,9 +40,12 @@ def test_dismiss_names_its_item_and_keeps_the_type_codes():
     with pytest.raises(InvalidEvent) as info:
         decode_event(raw({**GOOD, "type": "dismiss", "item_id": " "}))
     assert info.value.reason == "empty_field"
-    # appended: the stored type codes and the model's type-embedding rows of the others hold
-    assert EVENT_TYPES == ("view", "click", "add_to_cart", "purchase", "search", "dismiss")
-    assert EVENT_TYPES == features.EVENT_TYPES
+    # one list for validation and the model, `dismiss` appended: the stored type codes and
+    # the type-embedding rows of the older types hold
+    assert EVENT_TYPES is event_types.EVENT_TYPES is features.EVENT_TYPES
+    assert EVENT_TYPES[: event_types.FIRST_TYPES] == ("view", "click", "add_to_cart", "purchase", "search")
+    assert EVENT_TYPES[event_types.FIRST_TYPES:] == ("dismiss",)
+    assert [t for t in EVENT_TYPES if event_types.positive("i9", t)] == ["view", "click", "add_to_cart", "purchase"]
 
 
 @pytest.mark.parametrize("value,expected", [
