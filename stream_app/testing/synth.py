@@ -49,7 +49,7 @@ P_SEARCH_START, P_SEARCH_MID = 0.5, 0.08
 P_END = 0.14  # per browse step: session ends (mean ~7 views)
 P_CLICK, P_CART, P_BUY = 0.35, 0.3, 0.45
 P_DRIFT, DRIFT_WEIGHT = 0.15, 0.35
-P_DISMISS = 0.05  # per view: a dismiss follows it (~2-3% of events)
+P_DISMISS = 0.05  # per view: a dismiss may follow it (~2% of events)
 
 # category: "nouns | adjectives" (title vocabulary; queries draw their words from it)
 VOCAB = {
@@ -178,11 +178,10 @@ class _Users:
         self.cdf = [np.cumsum(row).tolist() for row in self.interest]
         self.activity = np.exp(rng.normal(0.0, 0.8, n)).tolist()
         self.world, self.draw, self.cat_cdf = world, draw, np.cumsum(world.cat_weight).tolist()
-        self.no = no  # draws of the dismisses only
+        self.no = no  # the dismisses' own draws
 
     def dismissed(self, u: int) -> int | None:
-        """An item to dismiss after a view, or None: sometimes a popular item of a category
-        the user cares less for than average (the only draws that use `no`)."""
+        """Sometimes a popular item of a category the user cares less for than average."""
         if self.no() >= P_DISMISS:
             return None
         n_cat = len(self.world.cat_items)
@@ -311,9 +310,8 @@ def generate(users: int, items: int, events: int, seed: int = 0) -> tuple[list[d
 
 
 def item_sequences(events: list[dict]) -> dict[str, list[str]]:
-    """Per-user item sequences in time order (searches and dismisses dropped, consecutive
-    repeats collapsed: view, click and add_to_cart of one item are one interaction, as in
-    the `pairs` format)."""
+    """Per-user item sequences in time order (searches and dismisses dropped, repeats collapsed:
+    view, click and add_to_cart of one item are one interaction, as in the `pairs` format)."""
     seqs: dict[str, list[str]] = {}
     for e in events:
         if e["type"] not in ("search", "dismiss"):
