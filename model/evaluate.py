@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.data import Dataset, Split, leave_one_out, load
+from model.event_types import positive
 from model.features import RawEvent, item_ids as item_ids_of
 from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
@@ -153,7 +154,7 @@ def evaluate_lists(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[s
         ctx = [splits[i].context for i in idx]
         s = torch.as_tensor(np.asarray(score(ctx, None), dtype=np.float32))
         for r, i in enumerate(idx):
-            seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
+            seen = excluded(((e.item_id, e.type, e.ts) for e in ctx[r]), *seen_policy)
             s[r, [index[x] for x in seen if x in index]] = float("-inf")
         for r, i in enumerate(idx):
             rules = rules_of(i)
@@ -175,7 +176,7 @@ def last_item_splits(splits: Sequence[Split]) -> list[Split]:
     the question an item page asks (the similar-items surface, model_recommender.similar)."""
     out = []
     for s in splits:
-        last = next((e for e in reversed(s.context) if e.item_id is not None and e.type != "search"), None)
+        last = next((e for e in reversed(s.context) if positive(e.item_id, e.type)), None)  # no dismiss
         if last is not None:
             out.append(Split(s.user, [RawEvent(last.item_id, "click", 0.0)], s.target, {last.item_id}))
     return out

@@ -28,10 +28,13 @@ def excluded(events: Iterable[tuple[str | None, str, float]], policy: str, windo
     """Items not to recommend, from a history of (item_id, event type, ts), oldest first.
 
     Searches (item_id None) never count, nor do dismisses as "seen". `window` > 0 counts
-    only the last `window` item events; `dismiss_ttl_s` <= 0 ignores dismissals."""
+    only the last `window` item events; `dismiss_ttl_s` <= 0 ignores dismissals. (item_id,
+    type) pairs are read as ts 0: their dismissals never age."""
     if policy not in POLICIES:
         raise ValueError(f"exclude_seen must be one of {', '.join(POLICIES)}, not {policy!r}")
     events = list(events)
+    if events and len(events[0]) == 2:
+        events = [(item, kind, 0.0) for item, kind in events]
     out = dismissed(events, dismiss_ttl_s)
     if policy == "none":
         return out

@@ -82,6 +82,11 @@ def test_a_dismiss_is_not_seen_and_not_in_the_window():
     assert excluded(events + history(("b", "view", 2 + DAY)), "interacted", 0, DAY) == {"a", "b"}
 
 
+def test_pairs_without_times_are_read_as_time_zero():
+    assert excluded([("a", "view"), ("d", "dismiss")], "none") == {"d"}
+    assert excluded([("a", "view"), ("d", "dismiss")], "interacted", 0, 0) == {"a"}
+
+
 def test_the_full_protocol_hides_a_dismissed_item_as_the_worker_does():
     items = ["a", "b", "c"]
     scores = np.array([[3.0, 2.0, 1.0]])
