@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.event_types import EVENT_TYPES, FIRST_TYPES
 from model.features import ItemIndex
 from model.transformer import SeqRec
 from stream_app.errors import UserError
@@ -236,7 +237,7 @@ def load(ckpt_dir: str, device: torch.device | str = "cpu") -> tuple[SeqRec, dic
     _check_shapes(cfg, items, shapes, w_path)
     model = SeqRec(cfg, items)
     try:
-        model.load_state_dict(load_file(w_path))
+        model.load_state_dict(with_all_types(load_file(w_path)))
     except (SafetensorError, OSError, RuntimeError) as exc:  # e.g. rewritten since its header was read
         raise BadCheckpoint("corrupt", f"{w_path} does not load ({exc}); re-copy or re-publish it") from None
     return model.to(device).eval(), doc
@@ -280,6 +281,20 @@ def _items(doc: dict[str, Any], cfg: ModelConfig, meta_path: str) -> ItemIndex:
     return ItemIndex(ids, cfg, catalog)
 
 
+TYPE_EMB = "type_emb.weight"
+
+
+def with_all_types(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint trained before an event type existed (`dismiss`: 5 rows) gets a zero row
+    for each type it never saw, so it keeps serving: it reads such an event as its item
+    with no type signal, until a retrain or the continual learner learns the row
+    (docs/model.md, "Dismissals"). Types are only appended (model/event_types.py)."""
+    emb = state.get(TYPE_EMB)
+    if emb is not None and emb.shape[0] < len(EVENT_TYPES):
+        state[TYPE_EMB] = torch.cat([emb, emb.new_zeros(len(EVENT_TYPES) - emb.shape[0], *emb.shape[1:])])
+    return state
+
+
 def _check_shapes(cfg: ModelConfig, items: ItemIndex, shapes: dict[str, list[int]], w_path: str) -> None:
     """The weights must be exactly the tensors this config builds (the model is built on the
     meta device: shapes, no memory); the transition table's size is data, only consistent."""
@@ -287,6 +302,9 @@ def _check_shapes(cfg: ModelConfig, items: ItemIndex, shapes: dict[str, list[int
         want = {k: list(v.shape) for k, v in SeqRec(cfg, items).state_dict().items()
                 if not k.startswith("transition.")}
     got = {k: v for k, v in shapes.items() if not k.startswith("transition.")}
+    old = got.get(TYPE_EMB)
+    if old and FIRST_TYPES <= old[0] < len(EVENT_TYPES) and old[1:] == want[TYPE_EMB][1:]:
+        got[TYPE_EMB] = want[TYPE_EMB]  # trained before the newer event types: padded on load
     table = {k.removeprefix("transition."): v for k, v in shapes.items() if k.startswith("transition.")}
     bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
     if bad:

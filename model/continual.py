@@ -26,6 +26,7 @@ import torch
 
 from model.config import LearnConfig
 from model.evaluate import rank_values
+from model.event_types import positive
 from model.features import RawEvent, item_ids
 from model.seen import excluded
 from model.train import (FULL_SOFTMAX_MAX_ITEMS, TrainConfig, batch_rows, item_loss, length_batches,
@@ -72,7 +73,7 @@ class Rolling:
 
 
 def rank_targets(model: SeqRec, contexts: Sequence[Sequence[RawEvent]], targets: Sequence[str],
-                 seen_policy: tuple[str, int]) -> tuple[np.ndarray, np.ndarray]:
+                 seen_policy: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(greater, ties) of each target among the model's items, with the worker's seen-items
     exclusion; a target the model cannot rank (unknown or excluded) scores as a miss."""
     items = model.items
@@ -85,7 +86,7 @@ def rank_targets(model: SeqRec, contexts: Sequence[Sequence[RawEvent]], targets:
     greater, ties = np.full(len(targets), n, np.int64), np.zeros(len(targets), np.int64)
     for r, (ctx, target) in enumerate(zip(contexts, targets)):
         col = items.index.get(target)
-        seen = excluded(((e.item_id, e.type) for e in ctx), *seen_policy)
+        seen = excluded(((e.item_id, e.type, e.ts) for e in ctx), *seen_policy)
         if col is None or target in seen:
             continue
         row = s[r]
@@ -98,7 +99,7 @@ def rank_targets(model: SeqRec, contexts: Sequence[Sequence[RawEvent]], targets:
 class Learner:
     """Test-then-train over a stream of (user, event); see the module docstring."""
 
-    def __init__(self, serving: SeqRec, cfg: LearnConfig, seen_policy: tuple[str, int] = ("interacted", 0),
+    def __init__(self, serving: SeqRec, cfg: LearnConfig, seen_policy: tuple = ("interacted", 0),
                  publish: Callable[[SeqRec, dict], str | None] | None = None,
                  tracked: dict[str, SeqRec] | None = None) -> None:
         self.cfg, self.seen_policy, self.publish = cfg, seen_policy, publish
@@ -124,7 +125,8 @@ class Learner:
 
     # ---- the stream ------------------------------------------------------------------
     def observe(self, user: str, ev: RawEvent, now: float, test: bool = True) -> None:
-        """Take one event: test the models on it (if it has an item and a history), then keep it.
+        """Take one event: test the models on it (if it takes an item and has a history), then
+        keep it. A dismiss is kept as an input, never a test or a target (model/event_types.py).
         `test=False` only warms the history (events the starting model was trained on)."""
         if self.last_update is None:
             self.last_update = now
@@ -134,7 +136,7 @@ class Learner:
         else:
             self.users.move_to_end(user)
         hist = entry[0]
-        is_item = ev.item_id is not None and ev.type != "search"
+        is_item = positive(ev.item_id, ev.type)
         ts = min(ev.ts, now + MAX_CLOCK_SKEW_S)  # a far-future timestamp must not keep an item "new" for ever
         if is_item and ev.item_id not in self.known and ev.item_id not in self.first_seen:
             self._first_seen(ev.item_id, ts)
@@ -292,7 +294,7 @@ class Learner:
         return (ctx, tgt), seqs, fresh
 
     def _event(self, user: str, n: int) -> RawEvent | None:
-        """The user's n-th event if still kept and it is an item event with history before it."""
+        """The user's n-th event if still kept and it takes an item, with history before it."""
         entry = self.users.get(user)
         if entry is None:
             return None
@@ -301,7 +303,7 @@ class Learner:
         if pos < 1 or pos >= len(hist):
             return None
         e = hist[pos]
-        return e if e.item_id is not None and e.type != "search" else None
+        return e if positive(e.item_id, e.type) else None
 
     def _close_window(self, now: float) -> None:
         for u in dict.fromkeys(u for u, _ in self.window):

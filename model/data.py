@@ -2,7 +2,7 @@
 
 Leave-one-out follows the SASRec protocol so numbers compare with the literature: per user
 with >= 3 item interactions, the last item event is test, the second-last validation, the
-rest train. Searches are context tokens only, never targets.
+rest train. Searches and dismisses are context tokens only, never targets.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from model.event_types import positive
 from model.features import EVENT_TYPES, RawEvent
 from stream_app.errors import UserError
 
@@ -34,7 +35,7 @@ class Dataset:
 
     @property
     def n_interactions(self) -> int:
-        return sum(sum(1 for e in h if e.type != "search") for h in self.histories)
+        return sum(sum(1 for e in h if positive(e.item_id, e.type)) for h in self.histories)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def leave_one_out(ds: Dataset) -> tuple[list[list[RawEvent]], list[Split], list[
     """
     train, valid, test = [], [], []
     for u, h in enumerate(ds.histories):
-        pos = [i for i, e in enumerate(h) if e.type != "search" and e.item_id is not None]
+        pos = [i for i, e in enumerate(h) if positive(e.item_id, e.type)]  # a dismiss is never held out
         if len(pos) < 3:
             train.append(h)
             continue

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.data import Dataset, Split, leave_one_out, load
+from model.event_types import positive
 from model.features import RawEvent, item_ids as item_ids_of
 from model.seen import POLICIES, excluded
 from model.transformer import SeqRec
@@ -89,8 +90,8 @@ def sample_negatives(splits: Sequence[Split], index: dict[str, int], n: int = 10
 
 def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], protocol: str = "sampled",
              k: int = 10, seed: int = 0, batch_size: int = 512, progress: bool = False,
-             negatives: np.ndarray | None = None, seen_policy: tuple[str, int] | None = None) -> dict:
-    """`seen_policy`: (exclude_seen, window) of the full protocol; default the worker's."""
+             negatives: np.ndarray | None = None, seen_policy: tuple | None = None) -> dict:
+    """`seen_policy`: (exclude_seen, window[, dismiss_ttl_s]) of the full protocol; default the worker's."""
     seen_policy = seen_policy or worker_seen_policy()
     index = {iid: i for i, iid in enumerate(item_ids)}
     splits = [s for s in splits if s.target in index]
@@ -118,7 +119,7 @@ def evaluate(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[str], p
             rows = np.arange(len(idx))
             ts = s[rows, tgt[idx]].copy()
             for r, i in enumerate(idx):
-                seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
+                seen = excluded(((e.item_id, e.type, e.ts) for e in ctx[r]), *seen_policy)
                 s[r, [index[x] for x in seen if x in index]] = -np.inf
                 never[i] = splits[i].target in seen
             s[rows, tgt[idx]] = -np.inf
@@ -153,7 +154,7 @@ def evaluate_lists(score: ScoreFn, splits: Sequence[Split], item_ids: Sequence[s
         ctx = [splits[i].context for i in idx]
         s = torch.as_tensor(np.asarray(score(ctx, None), dtype=np.float32))
         for r, i in enumerate(idx):
-            seen = excluded(((e.item_id, e.type) for e in ctx[r]), *seen_policy)
+            seen = excluded(((e.item_id, e.type, e.ts) for e in ctx[r]), *seen_policy)
             s[r, [index[x] for x in seen if x in index]] = float("-inf")
         for r, i in enumerate(idx):
             rules = rules_of(i)
@@ -175,7 +176,7 @@ def last_item_splits(splits: Sequence[Split]) -> list[Split]:
     the question an item page asks (the similar-items surface, model_recommender.similar)."""
     out = []
     for s in splits:
-        last = next((e for e in reversed(s.context) if e.item_id is not None and e.type != "search"), None)
+        last = next((e for e in reversed(s.context) if positive(e.item_id, e.type)), None)  # no dismiss
         if last is not None:
             out.append(Split(s.user, [RawEvent(last.item_id, "click", 0.0)], s.target, {last.item_id}))
     return out
@@ -294,13 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prequential.add_arguments(parser)
 
 
-def worker_seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int]:
+def worker_seen_policy(policy: str | None = None, window: int | None = None) -> tuple[str, int, float]:
     """The given policy, else the worker's default, so offline and live exclude the same items."""
     from stream_app.config import Settings
 
     fields = Settings.model_fields
     return (policy or fields["exclude_seen"].default,
-            fields["exclude_seen_window"].default if window is None else window)
+            fields["exclude_seen_window"].default if window is None else window, fields["dismiss_ttl_s"].default)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,9 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from model.config import ModelConfig
-
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
-TYPE_ID = {t: i for i, t in enumerate(EVENT_TYPES)}
+from model.event_types import EVENT_TYPES, TYPE_ID, positive  # noqa: F401 (EVENT_TYPES: re-exported)
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -39,11 +37,12 @@ class RawEvent:
 
 
 def item_ids(events: Iterable[Any]) -> list[str]:
-    """Item ids of a history's item events (searches carry none), oldest first."""
+    """Item ids of the events that took an item (model/event_types.py, POSITIVE), oldest
+    first: searches carry none, and a dismissed item is not one the user went on from."""
     out = []
     for e in events:
         e = RawEvent.coerce(e)
-        if e.item_id is not None and e.type != "search":
+        if positive(e.item_id, e.type):
             out.append(e.item_id)
     return out
 

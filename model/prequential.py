@@ -20,6 +20,7 @@ import numpy as np
 from model.config import LearnConfig
 from model.continual import Learner, Rolling
 from model.data import _ts, open_text, parse_event_line
+from model.event_types import positive
 from model.features import RawEvent, item_ids
 from model.seen import excluded
 from model.transformer import SeqRec
@@ -44,7 +45,7 @@ def read_events(path: str) -> list[tuple[str, RawEvent]]:
 
 
 def replay(events: Iterable[tuple[str, RawEvent]], model: SeqRec, cfg: LearnConfig, train_until: float,
-           continual: bool, seen_policy: tuple[str, int], progress: bool = False) -> dict:
+           continual: bool, seen_policy: tuple, progress: bool = False) -> dict:
     """Test-then-train over `events`; metrics of the served model (and the frozen one)."""
     tracked = {"frozen": copy.deepcopy(model)} if continual else {}
     learner = Learner(model, cfg, seen_policy, tracked=tracked)
@@ -85,7 +86,7 @@ class OnlineBaselines:
     top-k list it would publish (the worker's seen-items policy applied), so MRR counts
     only ranks within k."""
 
-    def __init__(self, cfg: LearnConfig, seen_policy: tuple[str, int]) -> None:
+    def __init__(self, cfg: LearnConfig, seen_policy: tuple) -> None:
         from model.cooccurrence import CoOccurrence
         self.cfg, self.seen_policy = cfg, seen_policy
         self.co = CoOccurrence()
@@ -94,12 +95,12 @@ class OnlineBaselines:
 
     def observe(self, user: str, ev: RawEvent, test: bool) -> None:
         hist = self.users.setdefault(user, deque(maxlen=self.cfg.history))
-        if ev.item_id is None or ev.type == "search":
+        if not positive(ev.item_id, ev.type):  # a search or a dismiss: context, never a target
             hist.append(ev)
             return
         previous = item_ids(hist)
         if test and hist:
-            exclude = excluded(((e.item_id, e.type) for e in hist), *self.seen_policy)
+            exclude = excluded(((e.item_id, e.type, e.ts) for e in hist), *self.seen_policy)
             k = self.cfg.k
             pop = [i for i, _ in self.co.popular(k + len(exclude)) if i not in exclude][:k]
             for name, ranked in (("cooccurrence", [i for i, _ in self.co.recommend(previous, k, exclude)]),
@@ -144,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--update-s", type=float, default=d.update_s, metavar="S", help="fine-tune budget per update")
 
 
-def run(args: argparse.Namespace, seen_policy: tuple[str, int]) -> dict:
+def run(args: argparse.Namespace, seen_policy: tuple) -> dict:
     from model import checkpoint
     from model.cache import pick_device
     if not args.checkpoint:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.data import Dataset, leave_one_out, load
+from model.event_types import positive
 from model.features import Batch, ItemIndex, RawEvent, encode
 from model.transformer import SeqRec
 
@@ -54,10 +55,11 @@ class TrainConfig:
 
 def training_tensors(train: list[list[RawEvent]], items: ItemIndex, seq_len: int):
     """Cut histories into chunks of <= seq_len events from the end; target of each position
-    is the next event's item (0 = no target: next is a search, or end of train history)."""
+    is the next event's item (0 = no target: next is a search or a dismiss, or end of train
+    history). A dismiss is still an input, with its own type embedding."""
     chunks, targets = [], []
     for h in train:
-        tgt = [items.lookup(h[j + 1].item_id) if j + 1 < len(h) and h[j + 1].type != "search" else 0
+        tgt = [items.lookup(h[j + 1].item_id) if j + 1 < len(h) and positive(h[j + 1].item_id, h[j + 1].type) else 0
                for j in range(len(h))]
         if not any(tgt):
             continue

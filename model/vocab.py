@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from model.features import ItemIndex, RawEvent
+from model.features import ItemIndex, RawEvent, item_ids
 from model.transformer import SeqRec
 
 
@@ -25,10 +25,11 @@ def untrained(model: SeqRec, item: str) -> bool:
 
 
 def neighbours(histories: Iterable[Sequence[RawEvent]], wanted: set[str], span: int = 2) -> dict[str, Counter]:
-    """For each wanted item, how often each other item occurs within `span` events of it."""
+    """For each wanted item, how often each other item occurs within `span` item events of it
+    (events that took an item: a dismissed item is no neighbour)."""
     out: dict[str, Counter] = {i: Counter() for i in wanted}
     for h in histories:
-        items = [e.item_id for e in h if e.item_id is not None]
+        items = item_ids(h)
         for p, item in enumerate(items):
             if item in out:
                 near = items[max(0, p - span): p] + items[p + 1: p + 1 + span]

@@ -9,6 +9,7 @@ from pydantic import Field, FilePath, SecretStr, field_validator, model_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import LearnConfig
+from model.seen import DISMISS_TTL_S
 
 
 _LEARN = LearnConfig()  # the learner's defaults live with its algorithm; offline eval uses the same
@@ -117,6 +118,11 @@ class Settings(BaseSettings):
     )
     exclude_seen_window: int = Field(
         0, ge=0, description="Only the user's last N item events count as seen (0 = the whole stored history)."
+    )
+    dismiss_ttl_s: float = Field(
+        DISMISS_TTL_S, ge=0, description="Seconds an item a user dismissed is not recommended to them, from "
+        "the dismiss to their newest event; a later click, add_to_cart or purchase of it lifts the dismissal "
+        "(0: dismissals exclude nothing, the model still reads them)."
     )
     rules_pool: int = Field(
         100, ge=1, le=10_000, description="Candidates scored before a list's rules drop or move items "
@@ -281,9 +287,9 @@ class Settings(BaseSettings):
         return not self.bootstrap_servers.strip()
 
     @property
-    def seen_policy(self) -> tuple[str, int]:
-        """(exclude_seen, exclude_seen_window): the arguments of model.seen.excluded."""
-        return self.exclude_seen, self.exclude_seen_window
+    def seen_policy(self) -> tuple[str, int, float]:
+        """(exclude_seen, exclude_seen_window, dismiss_ttl_s): the arguments of model.seen.excluded."""
+        return self.exclude_seen, self.exclude_seen_window, self.dismiss_ttl_s
 
     def source_topics(self) -> list[str]:
         """Topics the app creates explicitly (Tansu auto-creates with the wrong partition count)."""

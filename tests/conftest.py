@@ -19,7 +19,8 @@ def world(tmp_path_factory):
     from stream_app.testing.synth import generate
     from tests.helpers import train_tiny
 
-    events, catalog = generate(users=120, items=200, events=5000, seed=21)
+    # 5,100 events: ~2% are dismisses; the others reach 101 of the 120 users
+    events, catalog = generate(users=120, items=200, events=5100, seed=21)
     ckpt = train_tiny(tmp_path_factory.mktemp("ckpt") / "v1", events, catalog)
     return events, catalog, ckpt
 

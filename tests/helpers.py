@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from model.cache import masked_topk
 from model.evaluate import worker_seen_policy
 from stream_app.pipeline.state import UserState
@@ -24,8 +26,20 @@ def train_tiny(out: Path, events: list[dict], catalog: list[dict], seed: int = 0
     return out
 
 
+def with_type_rows(ckpt: Path, rows: int) -> None:
+    """Rewrite a checkpoint's weights with `rows` type-embedding rows: 5 makes it one trained
+    before `dismiss` existed (model/event_types.py, FIRST_TYPES)."""
+    from safetensors.torch import load_file, save_file
+
+    from model import checkpoint
+    state = load_file(str(ckpt / checkpoint.WEIGHTS))
+    emb = state["type_emb.weight"]
+    state["type_emb.weight"] = emb[:rows] if rows <= len(emb) else torch.cat([emb, emb[: rows - len(emb)]])
+    save_file(state, str(ckpt / checkpoint.WEIGHTS))
+
+
 def offline_recommend(model, states: list[UserState], k: int,
-                      seen_policy: tuple[str, int] | None = None) -> list[list[tuple[str, float]]]:
+                      seen_policy: tuple | None = None) -> list[list[tuple[str, float]]]:
     """The reference: a full (untruncated) forward over each stored history, then top-k
     without the items the seen-items policy (default: the worker's) excludes."""
     seen_policy = seen_policy or worker_seen_policy()

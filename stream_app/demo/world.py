@@ -24,7 +24,7 @@ from rich.console import Console
 EVENTS_PER_USER, MAX_EVENTS = 30, 60_000
 SHAPE = {"dim": 32, "layers": 2, "heads": 2, "window": 16, "dropout": 0.2}
 TRAINING = {"epochs": 8, "patience": 2, "max_minutes": 0.75, "seq_len": 32, "valid_users": 1000}
-FORMAT = 2  # bump when the training data or recipe changes in a way the settings above do not show
+FORMAT = 3  # bump when the training data or recipe changes in a way the settings above do not show
 
 
 def default_cache() -> Path:

@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+# Behaviour types, one list with the model's (model/event_types.py): a dismiss, like a
+# click, names its item (required), the item the user said no to.
+from model.event_types import EVENT_TYPES
 # Control events: not behaviour, never stored. "forget" erases a user (right to be forgotten);
 # with "if_count" only if the user has exactly that many events (the TTL sweep's expiry).
 CONTROL_TYPES = ("forget",)

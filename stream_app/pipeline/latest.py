@@ -22,13 +22,13 @@ from typing import Any, Iterable
 
 import orjson
 
+from model.event_types import ENGAGEMENT  # what counts as a hit (never a view or a dismiss)
 from stream_app import metrics
 from stream_app.pipeline.events import Event
 from stream_app.pipeline.failures import Backoff, describe
 
 log = logging.getLogger(__name__)
 
-ENGAGEMENT = frozenset({"click", "add_to_cart", "purchase"})
 SCHEMA_VERSION = 1  # of the recommendation record (docs/schemas/recommendation.schema.json)
 
 

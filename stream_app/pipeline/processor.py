@@ -13,6 +13,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from model.event_types import positive
 from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.pipeline.events import Event, InvalidEvent, decode_event
@@ -111,7 +112,7 @@ class BatchProcessor:
                 self.trending.observe(ev, messages[items[-1][0]])  # by the user's newest record time
                 self.recommender.observe(previous, ev)
                 out.accepted[ev.type] += 1
-                if ev.item_id is not None:
+                if positive(ev.item_id, ev.type):  # as state.items() reads it: no dismiss
                     previous.append(ev.item_id)
             last_index, last_event = items[-1]
             last = messages[last_index]

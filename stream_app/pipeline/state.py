@@ -15,10 +15,12 @@ from typing import Iterable
 
 import orjson
 
-from model.seen import excluded
+from model.event_types import POSITIVE
+from model.seen import DISMISS_TTL_S, excluded
 from stream_app.pipeline.events import EVENT_TYPES, Event
 
 TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
+POSITIVE_CODES = frozenset(TYPE_CODE[t] for t in POSITIVE)
 FORMAT = 1
 
 
@@ -91,12 +93,15 @@ class UserState:
         return accepted, duplicates
 
     def items(self) -> list[str]:
-        """Item ids of non-search events, oldest first."""
-        return [e[0] for e in self.history if e[0]]
+        """Item ids of the events that took an item, oldest first: no search, no dismiss
+        (model/event_types.py, POSITIVE), as model.features.item_ids reads a history."""
+        return [e[0] for e in self.history if e[1] in POSITIVE_CODES]
 
-    def seen_items(self, policy: str, window: int = 0) -> set[str]:
-        """Items never recommended back to this user under the seen-items policy (model/seen.py)."""
-        return excluded(((e[0] or None, EVENT_TYPES[e[1]]) for e in self.history), policy, window)
+    def seen_items(self, policy: str, window: int = 0, dismiss_ttl_s: float = DISMISS_TTL_S) -> set[str]:
+        """Items never recommended back to this user: the seen-items policy and the user's
+        dismissals (model/seen.py); the arguments are Settings.seen_policy."""
+        return excluded(((e[0] or None, EVENT_TYPES[e[1]], e[2]) for e in self.history), policy, window,
+                        dismiss_ttl_s)
 
     def raw_events(self, last: int | None = None) -> list:
         """History (or its `last` entries) as model.features.RawEvent, the model's input type.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 from model.cooccurrence import CoOccurrence
+from model.event_types import positive
 from model.reasons import QUERY_SHOWN, reason, search_match, words
 from model.rules import EMPTY, Rules, apply, pool_size
 from stream_app.pipeline.events import Event
@@ -74,7 +75,7 @@ class CoOccurrenceRecommender:
         self.catalog = None  # set by Lifecycle: unavailable items are never recommended
 
     def observe(self, previous_items: Sequence[str], event: Event) -> None:
-        if event.item_id is not None:
+        if positive(event.item_id, event.type):  # a dismiss teaches co-occurrence and popularity nothing
             self.model.observe(previous_items, event.item_id)
 
     def forget(self, user_id: str) -> None:

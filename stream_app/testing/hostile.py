@@ -59,6 +59,7 @@ CASES: list[tuple[Maker, str]] = [
     (_with(ts=_DROP), "missing_field"),
     (_with(item_id=_DROP), "missing_field"),
     (_with(type="search", query=_DROP), "missing_field"),
+    (_with(type="dismiss", item_id=_DROP), "missing_field"),  # a dismiss names what the user said no to
     (_with(user_id=12345), "wrong_type"),
     (_with(item_id=["i1"]), "wrong_type"),
     (_with(user_id="   "), "empty_field"),

@@ -9,6 +9,9 @@ signals a sequential recommender should find, each one checkable by a test:
   * browse chains along a sparse per-item "successor" graph (what comes next depends on what
     came before, so a sequence model beats popularity);
   * a view -> click -> add_to_cart -> purchase funnel, purchases only of items in the cart;
+  * now and then a dismiss of a popular item from a category the user cares little for
+    (what a user says no to when a list shows it), drawn from a stream of its own so every
+    other event is what it would be without dismisses;
   * seconds between events in a session, hours to days between sessions.
 Output is deterministic for a seed (numpy PCG64; timestamps from a fixed 2026-01-01 base,
 never the wall clock), so the same arguments give byte-identical files.
@@ -28,6 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from model.event_types import EVENT_TYPES
 from stream_app.errors import UserError
 
 EXAMPLES = """examples:
@@ -45,6 +49,7 @@ P_SEARCH_START, P_SEARCH_MID = 0.5, 0.08
 P_END = 0.14  # per browse step: session ends (mean ~7 views)
 P_CLICK, P_CART, P_BUY = 0.35, 0.3, 0.45
 P_DRIFT, DRIFT_WEIGHT = 0.15, 0.35
+P_DISMISS = 0.05  # per view: a dismiss may follow it (~2% of events)
 
 # category: "nouns | adjectives" (title vocabulary; queries draw their words from it)
 VOCAB = {
@@ -105,10 +110,10 @@ class _Uniform:
         return -math.log(1.0 - self()) * mean
 
 
-def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """Independent streams for the catalog and the users, so catalog() needs no users."""
-    cat_seq, user_seq = np.random.SeedSequence(seed).spawn(2)
-    return np.random.Generator(np.random.PCG64(cat_seq)), np.random.Generator(np.random.PCG64(user_seq))
+def _rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    """Independent streams for the catalog, the users and their dismisses: catalog() needs
+    no users, and dismisses change no other event (a child does not depend on the count)."""
+    return tuple(np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(3))
 
 
 def _categories(n: int, rng: np.random.Generator) -> list[tuple[str, list[str], list[str]]]:
@@ -166,13 +171,24 @@ def catalog(items: int, seed: int = 0) -> list[dict]:
 class _Users:
     """Per-user interests (cumulative weights over categories) and activity levels."""
 
-    def __init__(self, n: int, world: World, rng: np.random.Generator, draw: _Uniform) -> None:
+    def __init__(self, n: int, world: World, rng: np.random.Generator, draw: _Uniform, no: _Uniform) -> None:
         n_cat = len(world.cat_items)
         interest = rng.gamma(0.25, 1.0, (n, n_cat)) * world.cat_weight + 1e-9
         self.interest = interest / interest.sum(axis=1, keepdims=True)
         self.cdf = [np.cumsum(row).tolist() for row in self.interest]
         self.activity = np.exp(rng.normal(0.0, 0.8, n)).tolist()
         self.world, self.draw, self.cat_cdf = world, draw, np.cumsum(world.cat_weight).tolist()
+        self.no = no  # the dismisses' own draws
+
+    def dismissed(self, u: int) -> int | None:
+        """Sometimes a popular item of a category the user cares less for than average."""
+        if self.no() >= P_DISMISS:
+            return None
+        n_cat = len(self.world.cat_items)
+        cat = min(int(self.no() * n_cat), n_cat - 1)
+        if self.interest[u][cat] * n_cat >= 1.0:
+            return None
+        return self.world.cat_items[cat][self.no.pick(self.world.cat_cdf[cat])]
 
     def category(self, u: int) -> int:
         return self.draw.pick(self.cdf[u])
@@ -210,6 +226,9 @@ def _session(u: int, sid: str, start: float, users: _Users) -> list[tuple[float,
     while True:
         t += 2.0 + draw.expo(8.0)
         out.append((t, "view", f"i{item}", None))
+        other = users.dismissed(u)
+        if other is not None:  # before any next event: those come >= 1 s later
+            out.append((t + 0.5, "dismiss", f"i{other}", None))
         if draw() < P_CLICK:
             t += 1.0 + draw.expo(6.0)
             out.append((t, "click", f"i{item}", None))
@@ -248,9 +267,9 @@ def _simulate(users: int, items: int, seed: int) -> Iterator[dict]:
     if users < 1:
         raise UserError("--users must be at least 1")
     world = _world(items, seed)
-    rng = _rngs(seed)[1]
+    _, rng, no = _rngs(seed)
     draw = _Uniform(rng)
-    people = _Users(users, world, rng, draw)
+    people = _Users(users, world, rng, draw, _Uniform(no))
     starts = [(BASE_TS + draw.expo(36 * 3600.0 / people.activity[u]), u) for u in range(users)]
     heapq.heapify(starts)
     pending: list[tuple[float, int, int, str, str, str | None, str | None]] = []
@@ -264,7 +283,8 @@ def _simulate(users: int, items: int, seed: int) -> Iterator[dict]:
         for ts, etype, item, query in evs:
             heapq.heappush(pending, (ts, n_seq, u, sid, etype, item, query))
             n_seq += 1
-        heapq.heappush(starts, (evs[-1][0] + people.next_gap(u), u))
+        end = next(e[0] for e in reversed(evs) if e[1] != "dismiss")  # as if there were none
+        heapq.heappush(starts, (end + people.next_gap(u), u))
         horizon = starts[0][0]
         while pending and pending[0][0] <= horizon:
             ts, _, u2, sid2, etype, item, query = heapq.heappop(pending)
@@ -290,11 +310,11 @@ def generate(users: int, items: int, events: int, seed: int = 0) -> tuple[list[d
 
 
 def item_sequences(events: list[dict]) -> dict[str, list[str]]:
-    """Per-user item sequences in time order (searches dropped, consecutive repeats collapsed:
+    """Per-user item sequences in time order (searches and dismisses dropped, repeats collapsed:
     view, click and add_to_cart of one item are one interaction, as in the `pairs` format)."""
     seqs: dict[str, list[str]] = {}
     for e in events:
-        if e["type"] != "search":
+        if e["type"] not in ("search", "dismiss"):
             seq = seqs.setdefault(e["user_id"], [])
             if not seq or seq[-1] != e["item_id"]:
                 seq.append(e["item_id"])
@@ -374,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     if args.catalog:
         with handles[1] as fh:
             fh.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in catalog(args.items, args.seed))
-    mix = ", ".join(f"{t} {counts[t]}" for t in ("view", "click", "add_to_cart", "purchase", "search"))
+    mix = ", ".join(f"{t} {counts[t]}" for t in EVENT_TYPES)
     print(f"synth: {sum(counts.values())} events, {len(active)}/{args.users} users active, "
           f"{args.items} items -> {args.out} ({args.format}) [{mix}]")
     return 0

@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.features import ItemIndex
 from model.transformer import SeqRec
 from stream_app.errors import UserError
+from tests.helpers import with_type_rows
 
 ITEMS = 30
 
@@ -61,6 +62,24 @@ def test_config_from_json_keeps_unknown_and_missing_fields_compatible():
     assert (cfg.dim, cfg.n_heads, cfg.window, cfg.trans_weight) == (32, 4, ModelConfig().window, 1)
 
 
+def test_a_checkpoint_from_before_dismiss_loads_and_serves(tmp_path):
+    from model.features import RawEvent
+    model = tiny_model()
+    checkpoint.save(str(tmp_path / "c"), model)
+    with_type_rows(tmp_path / "c", 5)
+    old, _ = checkpoint.load(str(tmp_path / "c"))
+    rows = old.type_emb.weight
+    assert rows.shape[0] == 6 and torch.equal(rows[:5], model.type_emb.weight[:5]) and not rows[5].any()
+    # a history of the types it knows ranks exactly as before; a dismiss is its item with no type signal
+    plain = [RawEvent("i1", "view", 1.0), RawEvent("i2", "click", 2.0), RawEvent(None, "search", 3.0, "shoes")]
+    with torch.no_grad():
+        assert torch.allclose(old.user_vectors([plain]), model.user_vectors([plain]), atol=1e-6)
+        dismissed = plain + [RawEvent("i3", "dismiss", 4.0)]
+        u = old.user_vectors([dismissed])
+        s = old.scores(u, old.recent_items([["i1", "i2"]]))
+    assert torch.isfinite(s).all() and not torch.allclose(u, old.user_vectors([plain]))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -78,6 +97,8 @@ DAMAGE = {  # how a directory can be broken -> the reason it is refused with
     "items not n_items": ("config", lambda c: edit_meta(c, items=["a", "b"])),
     "config not the weights": ("shape", lambda c: edit_meta(c, **{"config.dim": 16})),
     "more layers than weights": ("shape", lambda c: edit_meta(c, **{"config.n_layers": 3})),
+    "fewer event types than ever": ("shape", lambda c: with_type_rows(c, 4)),
+    "more event types than exist": ("shape", lambda c: with_type_rows(c, 7)),
 }
 
 

@@ -156,6 +156,50 @@ def test_forget_erases_the_user_everywhere():
     assert all(u != victim for u, _ in lr.window)
 
 
+def with_dismisses(events: list[tuple[str, RawEvent]], every: int = 4) -> list[tuple[str, RawEvent]]:
+    """`events` with a dismiss of a never-taken item ("no<n>") after every `every`-th one."""
+    out = []
+    for n, (u, e) in enumerate(events):
+        out.append((u, e))
+        if n % every == 0:
+            out.append((u, RawEvent(f"no{n}", "dismiss", e.ts)))
+    return out
+
+
+def test_a_dismiss_is_context_never_a_test_or_a_target():
+    items = [f"i{n}" for n in range(40)]
+    lr = Learner(tiny_model(items), LearnConfig(every_events=400, min_events=100, min_item_events=1), SEEN)
+    lr.observe("u", RawEvent("i1", "click", 1.0), 1.0)
+    lr.observe("u", RawEvent("i2", "dismiss", 2.0), 2.0)
+    assert not lr.pending and not lr.counts  # not scored; no evidence for a new item either
+    lr.observe("u", RawEvent("i3", "click", 3.0), 3.0)
+    assert [(p[0][-1].type, p[1]) for p in lr.pending] == [("dismiss", "i3")]  # but it is context
+    # a dismissed item is a miss for the gate, as the worker would not show it
+    greater, _ = rank_targets(lr.serving, [list(lr.pending[0][0])], ["i2"], SEEN)
+    assert greater[0] == len(lr.serving.items)
+    for u, e in with_dismisses(stream(events=1200)):
+        lr.observe(u, e, e.ts)
+    (_, targets), seqs, _ = lr._split_window()
+    assert targets and not any(t.startswith("no") for t in targets)
+    assert any(e.type == "dismiss" for s in seqs for e in s)  # trained on as inputs
+    assert not any(i.startswith("no") for i in lr.counts)
+
+
+def test_the_streaming_baselines_never_learn_from_a_dismiss():
+    from model.prequential import OnlineBaselines
+
+    runs = {}
+    for name, events in (("clicks", stream(events=1500)), ("with dismisses", with_dismisses(stream(events=1500)))):
+        base = runs[name] = OnlineBaselines(LearnConfig(), SEEN)
+        for u, e in events:
+            base.observe(u, e, test=True)
+    co = runs["with dismisses"].co
+    assert not any(i.startswith("no") for i in co.popularity)
+    assert not any(i.startswith("no") for row in co.pairs.values() for i in row) and co.pairs == runs["clicks"].co.pairs
+    # a dismiss is no test event: the same events are scored
+    assert runs["with dismisses"].metrics["popularity"].count == runs["clicks"].metrics["popularity"].count
+
+
 def test_prequential_replay_json_and_file_reader(tmp_path):
     rows = drifting_stream(50, 30, 1500, seed=2)
     path = tmp_path / "events.jsonl"

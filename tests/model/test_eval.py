@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.data import leave_one_out, load
+from model.data import Split, leave_one_out, load
 from model.evaluate import baseline_fit_data, baseline_scorer, evaluate, rank_metrics, sample_negatives
 from model.features import RawEvent
 from stream_app.errors import UserError
@@ -135,3 +135,6 @@ def test_last_item_splits_ask_the_item_page_question(tiny) -> None:
     cut = last_item_splits(test)
     a = next(s for s in cut if ds.users[s.user] == "a")
     assert [(e.item_id, e.type) for e in a.context] == [("x2", "click")] and a.target == "x40" and a.seen == {"x2"}
+    # a dismiss is not the item the user is on
+    no = Split(0, a.context + [RawEvent("x9", "dismiss", 1.0)], "x40", {"x2"})
+    assert [e.item_id for e in last_item_splits([no])[0].context] == ["x2"]

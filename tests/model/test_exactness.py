@@ -33,7 +33,7 @@ def random_event(rng: random.Random, ts: float) -> RawEvent:
     if r < 0.15:
         return RawEvent(None, "search", ts, rng.choice(["red shoes", "lamp", "usb cable 2m", "shoes red"]))
     item = f"i{rng.randrange(70)}"  # i60..i69: unknown to vocab and catalog (OOV)
-    return RawEvent(item, rng.choice(["view", "click", "add_to_cart", "purchase"]), ts)
+    return RawEvent(item, rng.choice(["view", "click", "add_to_cart", "purchase", "dismiss"]), ts)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

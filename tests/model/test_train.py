@@ -117,6 +117,30 @@ def test_jsonl_with_searches_and_catalog(tmp_path) -> None:
     model, info = train(ds, mc, TrainConfig(epochs=2, batch_size=16, seq_len=16), torch.device("cpu"), quiet=True)
     assert info["history"][-1]["val_hr"] > 0 and model.items.has_content
     assert model.cfg.query_buckets > 2 or not any(e["type"] == "search" for e in events)
+    # the synthetic world's dismisses reach training, through the type's own embedding row
+    assert any(e["type"] == "dismiss" for e in events) and model.type_emb.weight.shape[0] == 6
+
+
+def test_a_dismiss_is_an_input_never_a_target() -> None:
+    from model.data import Dataset
+    from model.features import TYPE_ID, ItemIndex, RawEvent
+    from model.train import training_tensors
+
+    h = [RawEvent("a", "view", 1.0), RawEvent("x", "dismiss", 2.0), RawEvent("b", "click", 3.0),
+         RawEvent(None, "search", 4.0, "shoes"), RawEvent("c", "view", 5.0), RawEvent("d", "purchase", 6.0),
+         RawEvent("y", "dismiss", 7.0)]
+    cfg = ModelConfig(n_items=6, dim=8, n_heads=2, window=4, content_buckets=2, query_buckets=2, gap_buckets=4)
+    items = ItemIndex(["a", "b", "c", "d", "x", "y"], cfg)
+    b, y = training_tensors([h], items, seq_len=10)
+    look = items.lookup
+    # position j's target is event j+1's item unless that event is a search or a dismiss
+    assert y[0, -7:].tolist() == [0, look("b"), 0, look("c"), look("d"), 0, 0]
+    # the dismisses are inputs: their item and their own type
+    assert b.item[0, -7:].tolist()[1] == look("x") and b.etype[0, -7:].tolist()[1] == TYPE_ID["dismiss"]
+    _, valid, test = leave_one_out(Dataset(["u"], [h], ["a", "b", "c", "d", "x", "y"]))
+    assert (valid[0].target, test[0].target) == ("c", "d")  # held out: the last item events, no dismiss
+    assert test[0].context == h[:5] and valid[0].context == h[:4]
+    assert test[0].seen == {"a", "b", "c", "d"}
 
 
 def test_chunked_softmax_ce_matches_reference() -> None:

@@ -9,6 +9,7 @@ from stream_app.pipeline.events import (
     CONTROL_TYPES, EVENT_TYPES, MAX_LEN, REASONS, TS_MAX, TS_MIN, Event, InvalidEvent, decode_event, encode_event,
     parse_ts,
 )
+from model import event_types, features
 from stream_app.testing.hostile import CASES, malformed
 
 GOOD = {"event_id": "e1", "user_id": "u1", "type": "click", "item_id": "i9", "ts": 1767225600}
@@ -27,6 +28,24 @@ def test_search_needs_query_not_item():
     ev = decode_event(raw({"event_id": "e2", "user_id": "u1", "type": "search", "query": "red shoes",
                            "ts": "2026-01-01T00:00:00Z"}))
     assert ev.item_id is None and ev.query == "red shoes" and ev.ts == 1767225600.0
+
+
+def test_dismiss_names_its_item_and_keeps_the_type_codes():
+    ev = decode_event(raw({**GOOD, "type": "dismiss"}))
+    assert ev == Event("e1", "u1", "dismiss", 1767225600.0, "i9")
+    for missing in ({k: v for k, v in GOOD.items() if k != "item_id"}, {**GOOD, "item_id": None}):
+        with pytest.raises(InvalidEvent) as info:
+            decode_event(raw({**missing, "type": "dismiss"}))
+        assert (info.value.reason, info.value.detail) == ("missing_field", "item_id")
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(raw({**GOOD, "type": "dismiss", "item_id": " "}))
+    assert info.value.reason == "empty_field"
+    # one list for validation and the model, `dismiss` appended: the stored type codes and
+    # the type-embedding rows of the older types hold
+    assert EVENT_TYPES is event_types.EVENT_TYPES is features.EVENT_TYPES
+    assert EVENT_TYPES[: event_types.FIRST_TYPES] == ("view", "click", "add_to_cart", "purchase", "search")
+    assert EVENT_TYPES[event_types.FIRST_TYPES:] == ("dismiss",)
+    assert [t for t in EVENT_TYPES if event_types.positive("i9", t)] == ["view", "click", "add_to_cart", "purchase"]
 
 
 @pytest.mark.parametrize("value,expected", [

@@ -81,6 +81,28 @@ def test_purchased_items_are_never_recommended():
             assert "y" not in [i["item_id"] for i in rec["items"]]
 
 
+def test_a_dismiss_is_stored_hides_its_item_and_teaches_the_fallback_nothing():
+    seq = [msg(f"p{n}", n, "pop") for n in range(5)] + [msg("a", 10, "x"), msg("a", 11, "pop", etype="dismiss"),
+                                                        msg("a", 12, "never-taken", etype="dismiss")]
+
+    def served(**overrides):
+        settings = Settings(**overrides)
+        rec = CoOccurrenceRecommender(seen_policy=settings.seen_policy)
+        out = BatchProcessor(settings, rec, clock=lambda: 100.25).process(seq, {}.get)
+        return out, rec, [i["item_id"] for i in dict(out.recommendations)["a"]["items"]]
+
+    out, rec, items = served()
+    state = UserState.from_json(out.writes["a"][1])
+    assert [e[:2] for e in state.history] == [("x", 0), ("pop", 5), ("never-taken", 5)]  # dismiss: code 5
+    assert state.items() == ["x"] and state.seen_items(*Settings().seen_policy) == {"x", "pop", "never-taken"}
+    assert "pop" not in items
+    assert "never-taken" not in rec.model.popularity and rec.model.popularity["pop"] == 5
+    assert not any("never-taken" in row or "pop" in row for row in rec.model.pairs.values())
+    assert "x" not in rec.model.pairs  # nothing came after x but dismisses
+    # dismiss_ttl_s=0: the dismissed item is recommendable again (the popular backfill)
+    assert "pop" in served(dismiss_ttl_s=0)[2]
+
+
 def test_cooccurrence_learns_what_comes_next():
     model = CoOccurrence(window=3).fit([["a", "b", "c"], ["a", "b", "d"], ["x", "b", "c"]])
     top = model.recommend(["a", "b"], k=2)

@@ -118,3 +118,35 @@ def test_ab_split_is_stable_and_labels_every_record(world):
     assert set(variants.values()) == {"A", "B"}
     assert all(v == variant_of(u, 0.5) for u, v in variants.items())
     assert variants["newcomer"] == variant_of("newcomer", 0.5)
+
+
+def test_a_checkpoint_from_before_dismiss_serves_and_a_dismiss_hides_the_item(world, tmp_path):
+    """A deployed model trained before `dismiss` existed (5 type rows) keeps serving through
+    the transformer, exactly as offline; the dismissed item leaves the user's list at once."""
+    import shutil
+
+    from model import checkpoint
+    from tests.helpers import with_type_rows
+
+    events, _, ckpt = world
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    with_type_rows(old, 5)
+    settings = Settings(model_dir=old, history_max=60)
+    engine = Lifecycle(settings).recommender
+    assert isinstance(engine, ModelRecommender) and not engine.model.type_emb.weight[5].any()
+    proc = BatchProcessor(settings, engine)
+    store: dict[str, dict] = {}
+    user = events[0]["user_id"]
+    mine = [e for e in events if e["user_id"] == user and e["type"] != "dismiss"][:8]
+    out = proc.process(messages(mine), store.get)
+    store[user] = out.writes[user][1]
+    top = dict(out.recommendations)[user]["items"][0]["item_id"]
+    no = {"event_id": "no-1", "user_id": user, "type": "dismiss", "item_id": top, "ts": mine[-1]["ts"] + 1}
+    out = proc.process(messages([no]), store.get)
+    record = dict(out.recommendations)[user]
+    state = UserState.from_json(out.writes[user][1])
+    assert record["model_version"] == checkpoint.load(str(old))[1]["version"]
+    assert top not in [i["item_id"] for i in record["items"]]
+    assert_same_ranking([(i["item_id"], i["score"]) for i in record["items"]],
+                        offline_recommend(engine.model, [state], 10)[0])

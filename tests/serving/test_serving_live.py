@@ -131,6 +131,38 @@ def test_output_topic_matches_offline_model(world, make_settings, start_worker):
         r.close()
 
 
+def test_a_dismissed_item_leaves_the_next_list_and_a_dismiss_without_item_is_dead_lettered(
+        world, make_settings, start_worker):
+    """docs/contracts.md, "Dismiss": the next record for the user lacks the item they
+    dismissed from their current list, ranked as offline; no item_id: DLQ, missing_field."""
+    events, _, ckpt = world
+    events = events[:800]
+    settings = make_settings(model_dir=ckpt, history_max=HISTORY)
+    worker = start_worker(settings)
+    produce(settings, events)
+    reader = TopicReader(settings.bootstrap_servers, settings.recommendations_topic)
+    latest = latest_until_caught_up(reader, events)
+    user = events[-1]["user_id"]
+    shown = [i["item_id"] for i in latest[user]["items"]]
+    no = {"event_id": "no-1", "user_id": user, "type": "dismiss", "item_id": shown[0], "ts": events[-1]["ts"] + 1}
+    bad = {"event_id": "no-2", "user_id": user, "type": "dismiss", "ts": events[-1]["ts"] + 2}
+    produce(settings, [no, bad])
+    latest = latest_until_caught_up(reader, events + [no], latest=latest)
+    assert shown[0] not in [i["item_id"] for i in latest[user]["items"]]
+    model, meta = checkpoint.load(str(ckpt))
+    assert_parity(model, [e for e in events if e["user_id"] == user] + [no], {user: latest[user]}, meta["version"])
+    dlq = TopicReader(settings.bootstrap_servers, settings.dlq_topic)
+    dead = dlq.read_until(lambda rs: len(rs) >= 1, timeout=30)
+    headers = dict(dead[0].headers)
+    assert len(dead) == 1 and json.loads(dead[0].value) == bad
+    assert (headers["streamrec-reason"], headers["streamrec-detail"]) == (b"missing_field", b"item_id")
+    m = worker.metrics()
+    assert m['streamrec_events_total{type="dismiss"}'] == sum(e["type"] == "dismiss" for e in events) + 1
+    assert m['streamrec_invalid_events_total{reason="missing_field"}'] == 1
+    for r in (reader, dlq):
+        r.close()
+
+
 def test_tiny_cache_and_hot_swap_mid_stream(world, make_settings, start_worker, tmp_path):
     events, catalog_rows, ckpt = world
     models = tmp_path / "models"

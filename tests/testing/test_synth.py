@@ -67,6 +67,28 @@ def test_type_mix_and_funnel(data):
             assert e["item_id"] in viewed[e["session_id"]]
 
 
+def test_dismisses_are_a_small_share_of_items_from_categories_the_user_ignores(data):
+    """A dismissed item's category holds a tiny share of the user's own engagement, a viewed
+    item's a large one: the model can learn what a dismiss says."""
+    events, rows = data
+    category = {r["item_id"]: r["category"] for r in rows}
+    engaged: dict[str, Counter] = defaultdict(Counter)
+    for e in events:
+        if e["type"] not in ("search", "dismiss"):
+            engaged[e["user_id"]][category[e["item_id"]]] += 1
+
+    def share(kind: str) -> float:
+        chosen = [e for e in events if e["type"] == kind]
+        return sum(engaged[e["user_id"]][category[e["item_id"]]] / max(1, engaged[e["user_id"]].total())
+                   for e in chosen) / len(chosen)
+
+    dismisses = sum(e["type"] == "dismiss" for e in events)
+    assert 0.01 < dismisses / len(events) < 0.05
+    assert share("dismiss") < 0.1 < 0.25 < share("view"), (share("dismiss"), share("view"))
+    # the `pairs` format has no types: dismisses are not interactions there
+    assert item_sequences(events) == item_sequences([e for e in events if e["type"] != "dismiss"])
+
+
 def test_time_gaps_seconds_within_hours_between_sessions(data):
     events, _ = data
     within, between, last = [], [], {}
