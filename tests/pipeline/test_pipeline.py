@@ -53,7 +53,7 @@ def test_good_and_malformed_stream(make_settings, start_worker):
     for e in events:
         last_event[e["user_id"]] = e["event_id"]
     sample = seen[events[-1]["user_id"]]
-    assert sample["items"] and all(set(i) == {"item_id", "score"} for i in sample["items"])
+    assert sample["items"] and all(set(i) == {"item_id", "score", "reason"} for i in sample["items"])
 
     dlq = TopicReader(settings.bootstrap_servers, settings.dlq_topic)
     dead = dlq.read_until(lambda rs: len(rs) >= 1_000, timeout=60)
