@@ -379,17 +379,10 @@ async def follow(catalog: Catalog, bootstrap: str, topic: str, options: dict[str
     `on_reject`: optional async callback (key, value, reason) for each rejected record, e.g.
     a dead-letter send; the compacted topic replays rejected records at every start, so it
     sees them again after each restart."""
-    from aiokafka import AIOKafkaConsumer
+    from stream_app.transport.readers import whole_topic
 
-    from aiokafka import TopicPartition
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100, **(options or {}))
-    await consumer.start()
+    consumer, tps = await whole_topic(bootstrap, topic, options)
     try:
-        await consumer.topics()  # metadata, so the topic's partitions are known
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()} if tps else {}
         await apply_all(catalog, consumer, on_reject, ends)

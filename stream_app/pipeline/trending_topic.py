@@ -202,17 +202,12 @@ async def follow(trending: Trending, bootstrap: str, topic: str, options: dict[s
 
 async def _follow(trending: Trending, bootstrap: str, topic: str, options: dict[str, Any] | None,
                   positions: dict[int, int], backoff: Backoff, poll_ms: int, on_reject: OnReject | None) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from stream_app.transport.readers import whole_topic
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100, **(options or {}))
-    await consumer.start()
+    consumer, tps = await whole_topic(bootstrap, topic, options)
     try:
-        await consumer.topics()  # metadata, so the topic's partitions are known
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not tps:
             raise LookupError(f"topic {topic} has no partitions; create it (streamrec creates it at start)")
-        consumer.assign(tps)
         for tp in tps:
             if tp.partition in positions:
                 consumer.seek(tp, positions[tp.partition])
