@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stream_app.testing.checkpoints import random_checkpoint
+from stream_app.testing.traffic import send_catalog
 
 NEEDS = ("psutil", "matplotlib")  # the [bench] extra, checked before the run starts
 EXAMPLES = """examples:
@@ -362,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
             settings = isolated_settings(broker.bootstrap, f"bench-{name}", workdir, model_dir=workdir / "model",
                                          history_max=args.history, **extra,
                                          **({"partitions": max(4, workers)} if workers > 1 else {}))
+            if getattr(args, "surfaces_file", None):  # rules need what the catalog says of items: every engine gets it
+                send_catalog(settings, args.items)
             rows += sweep(name, settings, levels, args.seconds, args.users, args.items, workdir, console, workers,
                           args.backlog if name != "naive" else 0, tuple(args.fractions) if name != "naive" else (),
                           env)
@@ -391,7 +394,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{name}: drained peak {fig['drained_peak_per_s']} · best swept {fig['max_events_per_s']:.0f} "
                       f"· p99_ms_at_2000 {fig['p99_ms_at_2000']}")
     console.print(f"speedup vs naive {result['speedup_vs_baseline']}x")
-    for other, what in (("plain", "with rules and reasons vs plain"), ("against", f"against {args.against}")):
+    for other, what in (("plain", "with rules and reasons vs plain"),
+                        ("against", f"against {getattr(args, 'against', None)}")):
         if other in by_engine:  # the first engine's figures over the other's, from the same run
             ratio = {k: round(main[k] / by_engine[other][k], 3) if main[k] and by_engine[other][k] else None
                      for k in ("drained_peak_per_s", "max_events_per_s")}

@@ -33,6 +33,20 @@ def synthetic_messages(users: int, items: int, seed: int, bad_rate: float = 0.0)
         yield encode_event(event), event["user_id"].encode()
 
 
+def send_catalog(settings, items: int, seed: int = 0) -> None:
+    """The synthetic catalog of `items` items (categories, prices, a brand attribute) on the
+    settings' catalog topic: what rules and similar items read."""
+    import json
+
+    from stream_app.testing.synth import catalog
+
+    producer = produce.EventProducer(settings.bootstrap_servers, settings.catalog_topic)
+    for row in catalog(items, seed):
+        row["attributes"] = {"brand": row["title"].split()[0]}
+        producer.send(json.dumps(row).encode(), row["item_id"].encode())
+    producer.close()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sources = produce.add_arguments(parser)
     sources.add_argument("--synthetic", action="store_true", help="endless synthetic clickstream")
