@@ -6,14 +6,19 @@ STAMP := $(VENV)/.installed
 # Where the torch pin (requirements/cpu-torch.txt) comes from: PyTorch's CPU wheels, which
 # outrank PyPI's build of the same version (PyPI's Linux wheel is the CUDA build, several GB).
 # GPU hosts: make setup TORCH_INDEX_URL=https://pypi.org/simple (docs/model.md, "GPU").
-TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?= $(TORCH_CPU_INDEX)
+TORCH_PIN := $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' requirements/cpu-torch.txt)
 
 .PHONY: setup demo test prometheus jemalloc clean
 
 $(STAMP): pyproject.toml requirements/cpu-torch.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --extra-index-url $(TORCH_INDEX_URL) -r requirements/cpu-torch.txt
+	@# a CPU build the configured indexes already hold (a local wheel) is taken as is: no index
+	@# the host may not reach is asked; else the pin from TORCH_INDEX_URL
+	if [ "$(TORCH_INDEX_URL)" = "$(TORCH_CPU_INDEX)" ] && $(BIN)/pip install -q "$(TORCH_PIN)+cpu" 2>/dev/null; \
+	then :; else $(BIN)/pip install -q --extra-index-url $(TORCH_INDEX_URL) -r requirements/cpu-torch.txt; fi
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -247,7 +247,10 @@ def test_torch_pin_comes_from_one_index_setting_everywhere(compose):
     build of the pin is the CUDA one)."""
     cpu = "https://download.pytorch.org/whl/cpu"
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(rf"^TORCH_INDEX_URL \?= {re.escape(cpu)}$", makefile, re.M)
+    assert re.search(rf"^TORCH_CPU_INDEX := {re.escape(cpu)}$", makefile, re.M)
+    assert re.search(r"^TORCH_INDEX_URL \?= \$\(TORCH_CPU_INDEX\)$", makefile, re.M)
+    # a local CPU build of the pin is taken first, so no unreachable index is ever asked
+    assert re.search(r'pip install -q "\$\(TORCH_PIN\)\+cpu"', makefile)
     assert re.search(r"pip install .*--extra-index-url \$\(TORCH_INDEX_URL\) -r requirements/cpu-torch\.txt",
                      makefile)
     dockerfile = DOCKERFILE.read_text()
