@@ -31,6 +31,13 @@ class Fence:
     fenced_at: float | None = None
     generation: int | None = None  # the generation that was current when the gap was seen
     gaps: list[float] = field(default_factory=list)
+    reported: int = 0  # gaps already handed out by `unreported`
+
+    def unreported(self) -> list[float]:
+        """Gaps noticed since the last call, whoever noticed them (a tick, or a batch's
+        `check` that ran first after the stall): each is counted and logged once."""
+        new, self.reported = self.gaps[self.reported:], len(self.gaps)
+        return new
 
     def tick(self, generation: int | None) -> None:
         """Called every fraction of a second from the event loop."""

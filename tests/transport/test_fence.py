@@ -28,6 +28,7 @@ def test_a_gap_longer_than_the_session_fences_until_the_generation_changes():
     clock.now = 31.25
     f.tick(generation=3)  # the same gap is not counted twice
     assert f.gaps == [30.0] and f.fenced(3)
+    assert f.unreported() == [30.0] and f.unreported() == []  # the batch saw it first: reported once all the same
     assert not f.fenced(4)  # rejoined: a new generation, a fresh start
     f.check(generation=4)
 
