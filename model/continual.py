@@ -29,7 +29,8 @@ from model.evaluate import rank_values
 from model.event_types import positive
 from model.features import RawEvent, item_ids
 from model.seen import excluded
-from model.train import (FULL_SOFTMAX_MAX_ITEMS, TrainConfig, batch_rows, item_loss, length_batches,
+from model.loss import item_loss
+from model.train import (FULL_SOFTMAX_MAX_ITEMS, TrainConfig, batch_rows, length_batches,
                          training_tensors)
 from model.transformer import SeqRec
 from model.vocab import grow, neighbours, untrained

@@ -144,7 +144,7 @@ def test_a_dismiss_is_an_input_never_a_target() -> None:
 
 
 def test_chunked_softmax_ce_matches_reference() -> None:
-    from model.train import ChunkedSoftmaxCE
+    from model.loss import ChunkedSoftmaxCE
     torch.manual_seed(0)
     h = torch.randn(70, 8, requires_grad=True)
     M = torch.randn(33, 8, requires_grad=True)
