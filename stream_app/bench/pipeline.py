@@ -92,14 +92,22 @@ class Fleet:
             worker.wait_ready(600)  # a million-item index is built before the worker is ready
         self._wait_for_assignment(self.settings.partitions, timeout=120)
 
-    def metrics_if_up(self) -> dict[str, float] | None:
-        """Summed counters, or None while a worker does not answer yet (or has died)."""
-        if any(w.proc.poll() is not None for w in self.workers):
-            raise RuntimeError("a worker exited; see its log in the bench workdir")
-        try:
-            return self.metrics()
-        except OSError:
-            return None
+    def snapshots(self) -> list[tuple[float, dict[str, float], float] | None]:
+        """Per worker (events, stage seconds, CPU seconds), or None while it does not answer:
+        its web server starts before its consumer, so one not up yet has processed nothing."""
+        from stream_app.testing.harness import metric_sum
+        out = []
+        for worker, proc in zip(self.workers, self.procs):
+            if worker.proc.poll() is not None:
+                raise RuntimeError("a worker exited; see its log in the bench workdir")
+            try:
+                scrape = worker.metrics()
+            except OSError:
+                out.append(None)
+                continue
+            times = proc.cpu_times()
+            out.append((metric_sum(scrape, "streamrec_events_total"), stage_seconds(scrape), times.user + times.system))
+        return out
 
     def _wait_for_assignment(self, partitions: int, timeout: float) -> None:
         """Until every worker owns partitions and all of them are owned (a settled group)."""
@@ -248,31 +256,37 @@ def stage_table(rows: list[dict], rate: float | str) -> Table | None:
 def drained(name: str, fleet: Fleet, backlog: int, workers: int, console: Console,
             timeout: float = 900) -> dict:
     """The peak: events/s while the fleet works through a backlog produced before it started,
-    timed from the first processed event it sees to the last, with the CPU by stage."""
-    from stream_app.testing.harness import metric_sum
+    with the CPU by stage. Each worker is measured from its last scrape before its first
+    processed event (its start-up CPU stays out), the fleet from the first worker's start:
+    a sum over scrapes that all workers answer would start late, or miss the drain entirely
+    when one worker drains a small backlog before its peer's web server is up."""
     deadline = time.monotonic() + timeout
-    start = None
-    done = 0.0
+    base: list[tuple | None] = [None] * len(fleet.workers)  # (time, snapshot) before the first event
+    last: list[tuple | None] = [None] * len(fleet.workers)
     while time.monotonic() < deadline:
-        scrape = fleet.metrics_if_up()  # None until every worker answers: a sum must miss none
-        if scrape is None:
-            time.sleep(0.05)
-            continue
-        done = metric_sum(scrape, "streamrec_events_total")
-        if start is None and done > 0:
-            start = (time.monotonic(), done, stage_seconds(scrape), fleet.cpu_seconds())
-        if done >= backlog:
+        now = time.monotonic()
+        for i, snap in enumerate(fleet.snapshots()):
+            if snap is None:
+                continue
+            if base[i] is None or base[i][1][0] == 0 == snap[0]:
+                base[i] = (now, snap)
+            last[i] = snap
+        if sum(s[0] for s in last if s) >= backlog:
             break
         time.sleep(0.1)
-    end, cpu = time.monotonic(), fleet.cpu_seconds()
-    if start is None:
+    end = time.monotonic()
+    started = [(b, s) for b, s in zip(base, last) if b and s and s[0] > b[1][0]]
+    if not started:
         raise RuntimeError(f"{name}: no event of the backlog was processed in {timeout:.0f} s")
-    n = done - start[1]
+    n = sum(s[0] - b[1][0] for b, s in started)
+    cpu = sum(s[2] - b[1][2] for b, s in started)
+    stages_before = {k: sum(b[1][1][k] for b, _ in started) for k in started[0][1][1]}
+    stages_after = {k: sum(s[1][k] for _, s in started) for k in started[0][1][1]}
+    seconds = max(end - min(b[0] for b, _ in started), 1e-9)
     row = {"engine": name, "workers": workers, "offered": "backlog", "sent_per_s": None,
-           "processed_per_s": round(n / max(end - start[0], 1e-9), 1), "kept_up": done >= backlog,
-           "p50_ms": None, "p99_ms": None, "cpu_pct": round(100 * (cpu - start[3]) / max(end - start[0], 1e-9), 1),
-           "rss_mb": round(fleet.rss_mb(), 1), "cpu_us_per_event": stage_profile(start[2], stage_seconds(scrape),
-                                                                                 cpu - start[3], n)}
+           "processed_per_s": round(n / seconds, 1), "kept_up": sum(s[0] for s in last if s) >= backlog,
+           "p50_ms": None, "p99_ms": None, "cpu_pct": round(100 * cpu / seconds, 1),
+           "rss_mb": round(fleet.rss_mb(), 1), "cpu_us_per_event": stage_profile(stages_before, stages_after, cpu, n)}
     console.print(f"{name:>8} drained {n:,.0f} backlog events at {row['processed_per_s']:,.0f}/s  "
                   f"cpu {row['cpu_pct']}%  {row['cpu_us_per_event'].get('total')} µs/event")
     return row
