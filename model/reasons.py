@@ -65,6 +65,8 @@ def explain(model: SeqRec, matrix: torch.Tensor, recent: Sequence[Sequence[int]]
     sim = sim.masked_fill((R == 0)[:, None, :], float("-inf"))
     like = R.gather(1, sim.argmax(2)).masked_fill(torch.isinf(sim.max(2).values), 0)  # [B, K]
     follows = _follows(model, R, P)
+    follows = follows.tolist() if follows is not None else [[0] * K] * B  # one transfer: no tensor indexing per item
+    like = like.tolist()
     ids, meta = model.items.ids, model.items.meta
     out = []
     for b in range(B):
@@ -74,10 +76,10 @@ def explain(model: SeqRec, matrix: torch.Tensor, recent: Sequence[Sequence[int]]
         for j, item in enumerate(picked[b]):
             if qw and search_match(qw, meta.get(ids[item])):
                 row.append(reason("search", query[:QUERY_SHOWN]))
-            elif follows is not None and int(follows[b, j]):
-                row.append(reason("follows", ids[int(follows[b, j])]))
-            elif int(like[b, j]):
-                row.append(reason("like", ids[int(like[b, j])]))
+            elif follows[b][j]:
+                row.append(reason("follows", ids[follows[b][j]]))
+            elif like[b][j]:
+                row.append(reason("like", ids[like[b][j]]))
             elif query:
                 row.append(reason("search", query[:QUERY_SHOWN]))
             else:
@@ -105,12 +107,9 @@ def _follows(model: SeqRec, R: torch.Tensor, P: torch.Tensor) -> torch.Tensor | 
 def _padded(rows: Sequence[Sequence[int]], width: int, device: torch.device, left: bool = True) -> torch.Tensor:
     """Padded with 0 (the OOV row) to `width`: on the left keeping each row's newest entries
     (histories, newest last), or on the right (lists, best first)."""
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
+    data = []
+    for r in rows:
         r = list(r)[-width:] if left else list(r)[:width]
-        if r:
-            if left:
-                out[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            else:
-                out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+        pad = [0] * (width - len(r))
+        data.append(pad + r if left else r + pad)
+    return torch.tensor(data, dtype=torch.long, device=device)

@@ -94,6 +94,12 @@ class Rules:
         return self == EMPTY
 
     @property
+    def item_filters(self) -> bool:
+        """True if some item may fail `allows` (diversity and boosts never drop one alone)."""
+        return bool(self.categories or self.exclude_categories or self.exclude or self.also
+                    or self.price_min is not None or self.price_max is not None)
+
+    @property
     def filters(self) -> bool:
         """True if the rules can drop items (so more candidates than k are needed)."""
         return bool(self.categories or self.exclude_categories or self.exclude or self.max_per_category
@@ -158,7 +164,8 @@ def apply(ranked: Sequence[tuple[str, float]], rules: Rules, meta: Meta, k: int)
     boosted ones, so the list is ordered by its own scores."""
     if rules.empty:
         return list(ranked[:k])
-    kept = [(i, s) for i, s in ranked if rules.allows(i, meta.get(i) or NO_META)]
+    kept = [(i, s) for i, s in ranked if rules.allows(i, meta.get(i) or NO_META)] if rules.item_filters \
+        else list(ranked)
     if rules.boost and kept:
         finite = [s for _, s in kept if math.isfinite(s)]
         spread = (max(finite) - min(finite)) if finite else 0.0
