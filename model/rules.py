@@ -49,19 +49,30 @@ class Boost:
     attribute: str
     value: str | float | bool
     weight: float
+    _folded: str = field(default="", init=False, repr=False, compare=False)  # the value, compared as text
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_folded", str(self.value).casefold())
 
     def matches(self, item: Mapping[str, Any]) -> bool:
+        """Called for every candidate of every list with a boost: the common case (a text
+        attribute against a text value) is one dict lookup and one casefold."""
         if self.attribute == "category":
             return under(item.get("category"), category_path(str(self.value)))
         if self.attribute == "price":
             have = item.get("price")
         else:
-            have = (item.get("attributes") or {}).get(self.attribute)
+            attributes = item.get("attributes")
+            have = attributes.get(self.attribute) if attributes else None
+        if have is None:
+            return False
+        if type(have) is str and type(self.value) is str:
+            return have.casefold() == self._folded
         if isinstance(self.value, bool) or isinstance(have, bool):
-            return have is self.value or (isinstance(have, str) and have.casefold() == str(self.value).casefold())
+            return have is self.value or (isinstance(have, str) and have.casefold() == self._folded)
         if isinstance(have, (int, float)) and isinstance(self.value, (int, float)):
             return float(have) == float(self.value)
-        return have is not None and str(have).casefold() == str(self.value).casefold()
+        return str(have).casefold() == self._folded
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +181,14 @@ def apply(ranked: Sequence[tuple[str, float]], rules: Rules, meta: Meta, k: int)
         finite = [s for _, s in kept if math.isfinite(s)]
         spread = (max(finite) - min(finite)) if finite else 0.0
         spread = spread * (1 + 1e-6) + 1e-9 if spread > 0 else 1.0  # a hair more: weight 1 is strictly above
-        boosted = [(i, s + spread * sum(b.weight for b in rules.boost if b.matches(meta.get(i) or NO_META)))
-                   for i, s in kept]
+        boosts = rules.boost
+        boosted = []
+        for i, s in kept:
+            item, extra = meta.get(i) or NO_META, 0.0
+            for b in boosts:  # a plain loop: a generator per candidate cost more than the matching
+                if b.matches(item):
+                    extra += b.weight
+            boosted.append((i, s + spread * extra))
         kept = sorted(boosted, key=lambda x: -x[1])  # stable: ties keep the model's order
     if rules.max_per_category:
         kept = _diverse(kept, rules.max_per_category, meta, k)
