@@ -113,8 +113,7 @@ class Rules:
     @property
     def filters(self) -> bool:
         """True if the rules can drop items (so more candidates than k are needed)."""
-        return bool(self.categories or self.exclude_categories or self.exclude or self.max_per_category
-                    or self.price_min is not None or self.price_max is not None)
+        return self.item_filters or bool(self.max_per_category)
 
     def __and__(self, other: "Rules") -> "Rules":
         """Both sets of rules at once (a surface's and a request's): filters intersect, the

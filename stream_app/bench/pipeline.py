@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -67,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("pipeline.png"))
 
 
+class Snapshot(NamedTuple):
+    """One worker's cumulative counters at one scrape."""
+
+    at: float                 # monotonic time of the scrape
+    events: float             # streamrec_events_total
+    stages: dict[str, float]  # stage_seconds()
+    cpu: float                # process CPU seconds
+
+
 class Fleet:
     """N workers of one consumer group, observed as one: summed counters, CPU and RSS."""
 
@@ -92,9 +102,9 @@ class Fleet:
             worker.wait_ready(600)  # a million-item index is built before the worker is ready
         self._wait_for_assignment(self.settings.partitions, timeout=120)
 
-    def snapshots(self) -> list[tuple[float, dict[str, float], float] | None]:
-        """Per worker (events, stage seconds, CPU seconds), or None while it does not answer:
-        its web server starts before its consumer, so one not up yet has processed nothing."""
+    def snapshots(self) -> list[Snapshot | None]:
+        """Per worker, or None while it does not answer: its web server starts before its
+        consumer, so one not up yet has processed nothing."""
         from stream_app.testing.harness import metric_sum
         out = []
         for worker, proc in zip(self.workers, self.procs):
@@ -106,7 +116,8 @@ class Fleet:
                 out.append(None)
                 continue
             times = proc.cpu_times()
-            out.append((metric_sum(scrape, "streamrec_events_total"), stage_seconds(scrape), times.user + times.system))
+            out.append(Snapshot(time.monotonic(), metric_sum(scrape, "streamrec_events_total"), stage_seconds(scrape),
+                                times.user + times.system))
         return out
 
     def _wait_for_assignment(self, partitions: int, timeout: float) -> None:
@@ -261,30 +272,31 @@ def drained(name: str, fleet: Fleet, backlog: int, workers: int, console: Consol
     a sum over scrapes that all workers answer would start late, or miss the drain entirely
     when one worker drains a small backlog before its peer's web server is up."""
     deadline = time.monotonic() + timeout
-    base: list[tuple | None] = [None] * len(fleet.workers)  # (time, snapshot) before the first event
-    last: list[tuple | None] = [None] * len(fleet.workers)
+    base: list[Snapshot | None] = [None] * len(fleet.workers)  # the last scrape before the first event
+    last: list[Snapshot | None] = [None] * len(fleet.workers)
+    done = 0.0
     while time.monotonic() < deadline:
-        now = time.monotonic()
         for i, snap in enumerate(fleet.snapshots()):
             if snap is None:
                 continue
-            if base[i] is None or base[i][1][0] == 0 == snap[0]:
-                base[i] = (now, snap)
+            if base[i] is None or base[i].events == 0 == snap.events:
+                base[i] = snap
             last[i] = snap
-        if sum(s[0] for s in last if s) >= backlog:
+        done = sum(s.events for s in last if s)
+        if done >= backlog:
             break
         time.sleep(0.1)
     end = time.monotonic()
-    started = [(b, s) for b, s in zip(base, last) if b and s and s[0] > b[1][0]]
+    started = [(b, s) for b, s in zip(base, last) if b and s and s.events > b.events]
     if not started:
         raise RuntimeError(f"{name}: no event of the backlog was processed in {timeout:.0f} s")
-    n = sum(s[0] - b[1][0] for b, s in started)
-    cpu = sum(s[2] - b[1][2] for b, s in started)
-    stages_before = {k: sum(b[1][1][k] for b, _ in started) for k in started[0][1][1]}
-    stages_after = {k: sum(s[1][k] for _, s in started) for k in started[0][1][1]}
-    seconds = max(end - min(b[0] for b, _ in started), 1e-9)
+    n = sum(s.events - b.events for b, s in started)
+    cpu = sum(s.cpu - b.cpu for b, s in started)
+    stages_before = {k: sum(b.stages[k] for b, _ in started) for k in started[0][0].stages}
+    stages_after = {k: sum(s.stages[k] for _, s in started) for k in started[0][0].stages}
+    seconds = max(end - min(b.at for b, _ in started), 1e-9)
     row = {"engine": name, "workers": workers, "offered": "backlog", "sent_per_s": None,
-           "processed_per_s": round(n / seconds, 1), "kept_up": sum(s[0] for s in last if s) >= backlog,
+           "processed_per_s": round(n / seconds, 1), "kept_up": done >= backlog,
            "p50_ms": None, "p99_ms": None, "cpu_pct": round(100 * cpu / seconds, 1),
            "rss_mb": round(fleet.rss_mb(), 1), "cpu_us_per_event": stage_profile(stages_before, stages_after, cpu, n)}
     console.print(f"{name:>8} drained {n:,.0f} backlog events at {row['processed_per_s']:,.0f}/s  "
